@@ -1,0 +1,52 @@
+"""create_app(config) -> web.Application. Long-lived objects are made in cleanup
+contexts and reached through the AppKeys in keys.py."""
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from registry.api.middleware import API_VERSION, errors
+from registry.config import Config
+from registry.keys import CONFIG, SERVICES, Services
+from registry.meta.factory import open_meta
+from registry.routes import add_routes
+from registry.services.blobs import Blobs
+from registry.services.layout import Layout
+from registry.services.manifests import Manifests
+from registry.services.uploads import Uploads
+from registry.storage.factory import make_storage
+
+log = logging.getLogger("registry")
+
+
+async def _add_version_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(API_VERSION)
+
+
+def build_services(cfg: Config, meta, storage) -> Services:  # type: ignore[no-untyped-def]
+    layout = Layout(meta, storage)
+    blobs = Blobs(cfg, meta, storage, layout)
+    return Services(meta=meta, storage=storage, layout=layout, blobs=blobs,
+                    uploads=Uploads(meta, storage, blobs), manifests=Manifests(cfg, meta, blobs, layout))
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    storage = make_storage(cfg)
+    async with open_meta(cfg) as meta:
+        svc = build_services(cfg, meta, storage)
+        app[SERVICES] = svc
+        from registry.maintenance.reindex import reindex_new_layouts
+        await reindex_new_layouts(svc)
+        yield
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=cfg.uploads.max_manifest_size + 1)
+    app[CONFIG] = cfg
+    app.cleanup_ctx.append(_services_ctx)
+    app.on_response_prepare.append(_add_version_header)
+    add_routes(app)
+    return app

@@ -1,0 +1,103 @@
+"""registry serve | reindex | check-config | migrate"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from registry import __version__
+from registry.config import Config, ConfigError, load, to_dict
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "address", None):
+        out.setdefault("http", {})["address"] = args.address
+    if getattr(args, "port", None) is not None:
+        out.setdefault("http", {})["port"] = args.port
+    if getattr(args, "root", None):
+        out.setdefault("storage", {})["rootDirectory"] = args.root
+    return out
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        sys.exit(f"registry: configuration error: {exc}")
+
+
+def _logging(cfg: Config) -> None:
+    level = cfg.log.level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _logging(cfg)
+    from registry.server import serve
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        sys.exit(f"registry: cannot listen on {cfg.http.address}:{cfg.http.port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+async def _with_services(cfg: Config, fn):  # type: ignore[no-untyped-def]
+    from registry.app import build_services
+    from registry.meta.factory import open_meta
+    from registry.storage.factory import make_storage
+    async with open_meta(cfg) as meta:
+        return await fn(build_services(cfg, meta, make_storage(cfg)))
+
+
+def cmd_reindex(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _logging(cfg)
+    from registry.maintenance.reindex import reindex
+    result = asyncio.run(_with_services(cfg, lambda svc: reindex(svc, only_new=False)))
+    print(json.dumps({"repositories": result.repositories, "manifests": result.manifests, "tags": result.tags,
+                      "blobs": result.blobs, "problems": result.problems}, indent=2))
+    sys.exit(1 if result.problems else 0)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _logging(cfg)
+
+    async def version(svc):  # type: ignore[no-untyped-def]
+        return await svc.meta.schema_version()
+    print(f"metadata schema at version {asyncio.run(_with_services(cfg, version))}")
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    print(json.dumps(to_dict(cfg), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="registry", description="OCI Distribution v1.1 registry server")
+    p.add_argument("--version", action="version", version=f"registry {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", help="config file (JSON or YAML); REGISTRY_* variables override it")
+        sp.add_argument("--root", help="data directory (storage.rootDirectory, default ./data)")
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the registry"))
+    s.add_argument("--address", help="listen address (http.address, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (http.port, default 5000; 0 picks a free one)")
+    s.set_defaults(fn=cmd_serve)
+    with_config(sub.add_parser("reindex", help="rebuild metadata from the OCI layouts on storage")).set_defaults(
+        fn=cmd_reindex)
+    with_config(sub.add_parser("migrate", help="apply metadata schema migrations")).set_defaults(fn=cmd_migrate)
+    c = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    c.add_argument("config", nargs="?", help="config file")
+    c.set_defaults(fn=cmd_check_config)
+    args = p.parse_args(argv)
+    args.fn(args)

@@ -1,0 +1,289 @@
+"""Typed, frozen configuration: file (JSON or YAML) + REGISTRY_* environment overrides.
+
+The structure and names follow zot's config file where the feature exists there
+(``storage.rootDirectory``, ``storage.gcDelay``, ``http.address``...), so an
+operator can start from an existing file. Every key is checked: an unknown key,
+or a value of the wrong type, stops start-up with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+ENV_PREFIX = "REGISTRY_"
+
+
+class ConfigError(Exception):
+    """A bad configuration value; the message names the key."""
+
+
+class Duration(float):
+    """Seconds, written in config as ``90s``, ``30m``, ``1h30m``, ``2d`` or a number of seconds."""
+
+    _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+    _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    @classmethod
+    def parse(cls, value: Any) -> "Duration":
+        if isinstance(value, bool):
+            raise ValueError("a duration such as 90s, 30m or 1h30m")
+        if isinstance(value, (int, float)):
+            return cls(value)
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return cls(float(text))
+        pos, total = 0, 0.0
+        for m in cls._PART.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * cls._UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError("a duration such as 90s, 30m or 1h30m")
+        return cls(total)
+
+
+class Size(int):
+    """Bytes, written as a number or with a unit: ``4MiB``, ``100MB``, ``1G``."""
+
+    _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+              "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
+              "tib": 1 << 40}
+
+    @classmethod
+    def parse(cls, value: Any) -> "Size":
+        if isinstance(value, bool):
+            raise ValueError("a size such as 4096, 64MiB or 1GB")
+        if isinstance(value, int):
+            return cls(value)
+        m = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", str(value).lower())
+        if not m or m.group(2) not in cls._UNITS:
+            raise ValueError("a size such as 4096, 64MiB or 1GB")
+        return cls(int(m.group(1)) * cls._UNITS[m.group(2)])
+
+
+def key(name: str, **kw: Any) -> Any:
+    """A dataclass field whose config-file key is ``name`` (zot's camelCase)."""
+    return field(metadata={"key": name}, **kw)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = key("cert", default="")
+    key: str = key("key", default="")
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    address: str = key("address", default="127.0.0.1")
+    port: int = key("port", default=5000)
+    tls: TLSConfig = key("tls", default_factory=TLSConfig)
+    # Our own: worker processes sharing the port with SO_REUSEPORT.
+    workers: int = key("workers", default=1)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root_directory: str = key("rootDirectory", default="./data")
+    dedupe: bool = key("dedupe", default=True)
+    # Durable by default: data and directory entries are fsynced before a push is acknowledged.
+    commit: bool = key("commit", default=True)
+    gc: bool = key("gc", default=True)
+    gc_delay: Duration = key("gcDelay", default=Duration(3600))
+    gc_interval: Duration = key("gcInterval", default=Duration(86400))
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Our own: where the metadata lives. ``sqlite`` keeps it inside the root directory."""
+    driver: str = key("driver", default="sqlite")
+    path: str = key("path", default="")  # sqlite file; default <rootDirectory>/_registry/meta.sqlite
+
+
+@dataclass(frozen=True)
+class UploadsConfig:
+    """Our own: upload sessions and size limits."""
+    ttl: Duration = key("ttl", default=Duration(86400))
+    max_manifest_size: Size = key("maxManifestSize", default=Size(4 << 20))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = key("level", default="info")
+
+
+@dataclass(frozen=True)
+class Config:
+    dist_spec_version: str = key("distSpecVersion", default="1.1.1")
+    http: HTTPConfig = key("http", default_factory=HTTPConfig)
+    storage: StorageConfig = key("storage", default_factory=StorageConfig)
+    meta: MetaConfig = key("meta", default_factory=MetaConfig)
+    uploads: UploadsConfig = key("uploads", default_factory=UploadsConfig)
+    log: LogConfig = key("log", default_factory=LogConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.storage.root_directory)
+
+    def replace(self, **sections: Any) -> "Config":
+        """Copy with fields changed: ``cfg.replace(storage={"commit": False})``."""
+        return _build(Config, _merge(to_dict(self), _keyed(Config, sections)), "")
+
+
+_LEVELS = {"debug", "info", "warning", "warn", "error", "critical"}
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.meta.driver not in ("sqlite",):
+        raise ConfigError(f"meta.driver: {cfg.meta.driver!r} is not a known metadata store (expected sqlite)")
+    if not 0 <= cfg.http.port <= 65535:
+        raise ConfigError(f"http.port: {cfg.http.port} is not a TCP port (expected 0-65535)")
+    if cfg.http.workers < 1:
+        raise ConfigError(f"http.workers: {cfg.http.workers} (expected 1 or more)")
+    if cfg.log.level.lower() not in _LEVELS:
+        raise ConfigError(f"log.level: {cfg.log.level!r} (expected one of {', '.join(sorted(_LEVELS))})")
+    if not cfg.storage.root_directory:
+        raise ConfigError("storage.rootDirectory: must not be empty")
+    if cfg.uploads.max_manifest_size < 4 << 20:
+        raise ConfigError("uploads.maxManifestSize: must be at least 4MiB (the spec's minimum)")
+    if bool(cfg.http.tls.cert) != bool(cfg.http.tls.key):
+        raise ConfigError("http.tls: cert and key must be given together")
+
+
+def _keyed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate python field names in ``values`` to config keys (for replace())."""
+    out: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        f = fields[name]
+        sub = hints[name]
+        out[f.metadata["key"]] = _keyed(sub, value) if dataclasses.is_dataclass(sub) and isinstance(value, Mapping) else value
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The config as a file would spell it (camelCase keys)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.metadata["key"]] = to_dict(value) if dataclasses.is_dataclass(value) else (
+            float(value) if isinstance(value, Duration) else int(value) if isinstance(value, Size) else value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError("true or false")
+        if tp is int:
+            if isinstance(value, bool) or not re.fullmatch(r"-?\d+", str(value).strip()):
+                raise ValueError("a whole number")
+            return int(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("a string")
+            return str(value)
+        if tp in (Duration, Size):
+            return tp.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {value!r} is not valid (expected {exc})") from None
+    raise ConfigError(f"{path}: unsupported type")  # pragma: no cover - a bug in the schema
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(by_key))
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key{where} "
+                          f"(known: {', '.join(sorted(by_key))})")
+    kwargs = {}
+    for k, f in by_key.items():
+        if k not in data:
+            continue
+        path = f"{prefix}.{k}" if prefix else k
+        tp = hints[f.name]
+        kwargs[f.name] = _build(tp, data[k] or {}, path) if dataclasses.is_dataclass(tp) else _convert(tp, data[k], path)
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """REGISTRY_STORAGE_GCDELAY=2h -> {"storage": {"gcDelay": "2h"}}; keys match case-insensitively."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("_")
+        cls: Any = Config
+        node, path = out, []
+        for i, part in enumerate(parts):
+            by_lower = {f.metadata["key"].lower(): f for f in dataclasses.fields(cls)}
+            f = by_lower.get(part)
+            if f is None:
+                raise ConfigError(f"{name}: no config key {'.'.join(path + [part])!r} "
+                                  f"(known here: {', '.join(sorted(x.metadata['key'] for x in by_lower.values()))})")
+            path.append(f.metadata["key"])
+            tp = get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                if i == len(parts) - 1:
+                    raise ConfigError(f"{name}: {'.'.join(path)} is a section, not a value")
+                node = node.setdefault(f.metadata["key"], {})
+                cls = tp
+            else:
+                if i != len(parts) - 1:
+                    raise ConfigError(f"{name}: {'.'.join(path)} is a value, not a section")
+                node[f.metadata["key"]] = value
+    return out
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc.strerror}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # YAML is a superset of JSON: it reads both
+            data = yaml.safe_load(text)
+    except Exception as exc:  # parse errors of either format
+        raise ConfigError(f"config file {str(p)!r} does not parse: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return data
+
+
+def load(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """File, then REGISTRY_* environment, then command-line overrides (config keys)."""
+    data = read_file(path) if path else {}
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg

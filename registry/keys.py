@@ -1,0 +1,28 @@
+"""Every AppKey: long-lived objects made in the app factory's cleanup contexts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from registry.config import Config
+from registry.meta.base import MetaStore
+from registry.services.blobs import Blobs
+from registry.services.layout import Layout
+from registry.services.manifests import Manifests
+from registry.services.uploads import Uploads
+from registry.storage.base import Storage
+
+
+@dataclass
+class Services:
+    meta: MetaStore
+    storage: Storage
+    layout: Layout
+    blobs: Blobs
+    uploads: Uploads
+    manifests: Manifests
+
+
+CONFIG = web.AppKey("config", Config)
+SERVICES = web.AppKey("services", Services)

@@ -1,0 +1,95 @@
+"""The metadata Protocol: repositories, tags, manifests and what they refer to,
+upload sessions. It is transactional: a manifest push checks and links its
+references in one transaction, so it meets GC here rather than on disk."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class MetaError(Exception):
+    """The store failed (connection lost, disk full...)."""
+
+
+class BadReferences(Exception):
+    """A manifest refers to blobs or manifests the repository does not hold
+    (``missing``), or states a size that differs from the stored one (``wrong_size``)."""
+
+    def __init__(self, missing: list[str], wrong_size: list[str]):
+        super().__init__(", ".join(missing + wrong_size))
+        self.missing = missing
+        self.wrong_size = wrong_size
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """Something a manifest refers to: a blob (config, layer) or a child manifest."""
+    digest: str
+    kind: str  # "blob" | "manifest"
+    size: int
+
+
+@dataclass(slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    payload: bytes = b""
+    subject: str | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+    refs: list[Ref] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutEntry:
+    """One line of a repository's index.json."""
+    digest: str
+    media_type: str
+    size: int
+    tag: str | None
+    artifact_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    repo: str
+    size: int
+    created_at: float
+    updated_at: float
+
+
+class MetaStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # blobs
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        """Size of a blob (or manifest) the repository holds, None otherwise."""
+    async def blob_holder(self, digest: str) -> tuple[str, int] | None:
+        """Any repository holding the blob, with its size (mount without from)."""
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None: ...
+    async def blob_unlink(self, repo: str, digest: str) -> bool: ...
+
+    # manifests and tags
+    async def manifest_put(self, repo: str, m: Manifest, tag: str | None, review_after: float) -> None:
+        """Insert the manifest (idempotent), its references and the tag in one
+        transaction; BadReferences when a referenced blob or manifest is absent."""
+    async def manifest_get(self, repo: str, reference: str) -> Manifest | None: ...
+    async def manifest_delete(self, repo: str, digest: str) -> bool:
+        """Delete a manifest and every tag pointing at it."""
+    async def tag_delete(self, repo: str, tag: str) -> bool: ...
+    async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
+        """Tags in lexical order after ``last``; None when the repository is unknown."""
+    async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]: ...
+    async def catalog(self, n: int | None, last: str | None) -> list[str]: ...
+    async def repo_exists(self, repo: str) -> bool: ...
+    async def layout_entries(self, repo: str) -> list[LayoutEntry]: ...
+
+    # upload sessions
+    async def upload_create(self, upload_id: str, repo: str) -> None: ...
+    async def upload_get(self, upload_id: str) -> Upload | None: ...
+    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
+        """Compare-and-set the received length; False when another writer moved it."""
+    async def upload_delete(self, upload_id: str) -> bool: ...

@@ -1,0 +1,105 @@
+"""Blob rules: existence in a repository, mount, delete, and making an upload visible.
+
+The file and the metadata row of a blob change in an order that keeps them
+consistent under races (see DESIGN.md, "a push racing GC"): content is placed
+before its row is inserted and checked again after; content is set aside only
+after its row is deleted, and put back if a row reappeared meanwhile. Content
+is addressed by digest, so any copy of a file is as good as any other.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from registry.config import Config
+from registry.digest import Digest
+from registry.errors import RegistryError
+from registry.meta.base import MetaStore
+from registry.reference import NAME_RE
+from registry.services.layout import Layout
+from registry.storage.base import NotFound, Storage
+
+
+def blob_key(repo: str, digest: Digest) -> str:
+    return f"{repo}/{digest.path}"
+
+
+class Blobs:
+    def __init__(self, cfg: Config, meta: MetaStore, storage: Storage, layout: Layout):
+        self.cfg = cfg
+        self.meta = meta
+        self.storage = storage
+        self.layout = layout
+
+    def review_after(self) -> float:
+        return time.time() + self.cfg.storage.gc_delay
+
+    async def size(self, repo: str, digest: Digest) -> int:
+        size = await self.meta.blob_size(repo, str(digest))
+        if size is None:
+            raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
+        return size
+
+    def local_path(self, repo: str, digest: Digest) -> Path | None:
+        return self.storage.local_path(blob_key(repo, digest))
+
+    async def _present(self, repo: str, digest: Digest) -> bool:
+        return await self.meta.blob_size(repo, str(digest)) is not None
+
+    async def link_placed(self, repo: str, digest: Digest, size: int,
+                          place: Callable[[], Awaitable[None]]) -> None:
+        """Record a blob whose content ``place()`` has put under its key, then
+        make sure a concurrent removal did not take the file away meanwhile."""
+        await self.meta.blob_link(repo, str(digest), size, self.review_after())
+        try:
+            await self.storage.stat(blob_key(repo, digest))
+        except NotFound:
+            await place()
+
+    async def commit_upload(self, repo: str, upload_id: str, digest: Digest, size: int) -> None:
+        await self.layout.ensure_repo(repo)
+
+        async def place() -> None:
+            await self.storage.upload_place(upload_id, blob_key(repo, digest))
+        await place()
+        await self.link_placed(repo, digest, size, place)
+
+    async def mount(self, repo: str, digest: Digest, source: str | None) -> bool:
+        """Link a blob the registry already holds into ``repo``; False to fall back to an upload."""
+        if await self._present(repo, digest):
+            return True
+        if source is not None:
+            if not NAME_RE.fullmatch(source):
+                return False
+            size = await self.meta.blob_size(source, str(digest))
+        else:
+            holder = await self.meta.blob_holder(str(digest))
+            source, size = holder if holder else (None, None)
+        if source is None or size is None:
+            return False
+        await self.layout.ensure_repo(repo)
+
+        async def place() -> None:
+            await self.storage.link(blob_key(source, digest), blob_key(repo, digest))
+        try:
+            await place()
+        except NotFound:  # deleted from the source meanwhile
+            return False
+        await self.link_placed(repo, digest, size, place)
+        return True
+
+    async def delete(self, repo: str, digest: Digest) -> None:
+        if not await self.meta.blob_unlink(repo, str(digest)):
+            raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
+        await self.remove_content(repo, digest)
+
+    async def remove_content(self, repo: str, digest: Digest) -> None:
+        """Remove a file whose row is gone, unless a row for it reappeared meanwhile."""
+        key = blob_key(repo, digest)
+        aside = await self.storage.set_aside(key)
+        if aside is None:
+            return
+        if await self._present(repo, digest):
+            await self.storage.restore(aside, key)
+        await self.storage.discard(aside)

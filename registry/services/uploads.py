@@ -1,0 +1,154 @@
+"""Upload sessions: stream, hash, verify, then commit.
+
+The running sha256 of a session lives in this process's memory. When a chunk
+or the final PUT arrives at a process that does not hold it (a restart,
+another replica), or the digest uses another algorithm, the bytes received so
+far are read back and hashed once. The received length is recorded in the
+metadata store after each chunk is on disk, so ``GET <location>`` tells the
+truth after a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import AsyncIterator
+
+from registry.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
+from registry.errors import RegistryError
+from registry.meta.base import MetaStore, Upload
+from registry.services.blobs import Blobs
+from registry.storage.base import InvalidOffset, NotFound, Storage, WriteInterrupted
+
+_ID = re.compile(r"[0-9a-f]{32}")
+HASH_INLINE = 256 << 10
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover
+
+
+class Uploads:
+    def __init__(self, meta: MetaStore, storage: Storage, blobs: Blobs):
+        self.meta = meta
+        self.storage = storage
+        self.blobs = blobs
+        self._hashers: dict[str, tuple[Hasher, int]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(upload_id, asyncio.Lock())
+
+    async def start(self, repo: str) -> Upload:
+        upload_id = uuid.uuid4().hex
+        await self.meta.upload_create(upload_id, repo)
+        self._hashers[upload_id] = (new_hasher(), 0)
+        return Upload(upload_id, repo, 0, 0.0, 0.0)
+
+    async def get(self, repo: str, upload_id: str) -> Upload:
+        up = await self.meta.upload_get(upload_id) if _ID.fullmatch(upload_id) else None
+        if up is None or up.repo != repo:
+            raise RegistryError("BLOB_UPLOAD_UNKNOWN", {"upload": upload_id[:64]})
+        return up
+
+    def _range_error(self, size: int, detail: str) -> RegistryError:
+        return RegistryError("RANGE_INVALID", detail, status=416, headers={
+            "Range": f"0-{max(size - 1, 0)}",
+        })
+
+    async def _append(self, up: Upload, chunks: AsyncIterator[bytes]) -> int:
+        cached = self._hashers.pop(up.id, None)
+        hashers = [cached[0]] if cached and cached[1] == up.size else []
+        try:
+            size = await self.storage.upload_write(up.id, up.size, chunks, hashers)
+        except WriteInterrupted as exc:  # keep what arrived; the client can ask where to resume
+            if await self.meta.upload_set_size(up.id, up.size, exc.size) and hashers:
+                self._hashers[up.id] = (hashers[0], exc.size)
+            raise RegistryError("BLOB_UPLOAD_INVALID", "the request body ended early") from None
+        except InvalidOffset as exc:
+            raise RegistryError("BLOB_UPLOAD_INVALID",
+                                f"stored data is {exc.size} bytes, expected {up.size}; restart the upload") from None
+        if not await self.meta.upload_set_size(up.id, up.size, size):
+            raise self._range_error(size, "the upload was changed concurrently")
+        if hashers:
+            self._hashers[up.id] = (hashers[0], size)
+        return size
+
+    async def patch(self, repo: str, upload_id: str, chunks: AsyncIterator[bytes],
+                    start: int | None) -> Upload:
+        async with self._lock(upload_id):
+            up = await self.get(repo, upload_id)
+            if start is not None and start != up.size:
+                raise self._range_error(up.size, f"chunk starts at {start}, upload holds {up.size} bytes")
+            size = await self._append(up, chunks)
+            return Upload(up.id, repo, size, up.created_at, up.updated_at)
+
+    async def _digest_of(self, up: Upload, algorithm: str) -> str:
+        cached = self._hashers.get(up.id)
+        if algorithm == DEFAULT_ALGORITHM and cached and cached[1] == up.size:
+            return cached[0].hexdigest()
+        h = new_hasher(algorithm)
+        loop = asyncio.get_running_loop()
+        try:
+            async for data in self.storage.upload_read(up.id, up.size):
+                if len(data) < HASH_INLINE:
+                    h.update(data)
+                else:
+                    await loop.run_in_executor(None, h.update, data)
+        except NotFound:
+            if up.size:
+                raise RegistryError("BLOB_UPLOAD_INVALID", "the upload's data is gone; restart the upload") from None
+        return h.hexdigest()
+
+    async def finish(self, repo: str, upload_id: str, digest: Digest,
+                     chunks: AsyncIterator[bytes] | None) -> Upload:
+        async with self._lock(upload_id):
+            up = await self.get(repo, upload_id)
+            if chunks is not None:
+                size = await self._append(up, chunks)
+                up = Upload(up.id, repo, size, up.created_at, up.updated_at)
+            await self._complete(up, digest)
+            return up
+
+    async def _complete(self, up: Upload, digest: Digest) -> None:
+        if up.size == 0:  # nothing was ever written: the file may not exist
+            await self.storage.upload_write(up.id, 0, _empty(), [])
+        if await self._digest_of(up, digest.algorithm) != digest.hex:
+            await self.cancel(up.repo, up.id, locked=True)
+            raise RegistryError("DIGEST_INVALID", {"digest": str(digest), "size": up.size})
+        await self.blobs.commit_upload(up.repo, up.id, digest, up.size)
+        await self._drop(up.id)
+
+    async def monolithic(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
+        """POST ?digest=: one request, no session row (a crash leaves only a file
+        in the upload area, which upload expiry removes)."""
+        upload_id = uuid.uuid4().hex
+        h = new_hasher()
+        hashers = [h] if digest.algorithm == DEFAULT_ALGORITHM else [new_hasher(digest.algorithm)]
+        try:
+            size = await self.storage.upload_write(upload_id, 0, chunks, hashers)
+            if hashers[0].hexdigest() != digest.hex:
+                raise RegistryError("DIGEST_INVALID", {"digest": str(digest), "size": size})
+            await self.blobs.commit_upload(repo, upload_id, digest, size)
+            return size
+        except WriteInterrupted:
+            raise RegistryError("BLOB_UPLOAD_INVALID", "the request body ended early") from None
+        finally:
+            await self.storage.upload_delete(upload_id)
+
+    async def cancel(self, repo: str, upload_id: str, *, locked: bool = False) -> None:
+        if not locked:
+            async with self._lock(upload_id):
+                await self.get(repo, upload_id)
+                await self._drop(upload_id)
+        else:
+            await self._drop(upload_id)
+
+    async def _drop(self, upload_id: str) -> None:
+        await self.meta.upload_delete(upload_id)
+        await self.storage.upload_delete(upload_id)
+        self._hashers.pop(upload_id, None)
+        lock = self._locks.get(upload_id)
+        if lock is not None and not lock._waiters:  # type: ignore[attr-defined]
+            self._locks.pop(upload_id, None)

@@ -1,0 +1,83 @@
+"""The storage Protocol: bytes by key. Keys are '/'-separated relative paths
+(``<repo>/blobs/sha256/<hex>``, ``<repo>/index.json``); upload data lives apart,
+by upload id. Drivers raise only the errors defined here."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Protocol
+
+from registry.digest import Hasher
+
+
+class StorageError(Exception):
+    """The backend failed; the message is safe to show (no secrets, no paths outside the root)."""
+
+
+class NotFound(StorageError):
+    pass
+
+
+class InvalidOffset(StorageError):
+    """An upload write did not start where the stored data ends."""
+
+    def __init__(self, size: int):
+        super().__init__(f"upload holds {size} bytes")
+        self.size = size
+
+
+class WriteInterrupted(StorageError):
+    """The source stream failed mid-way; ``size`` bytes of the upload are stored."""
+
+    def __init__(self, size: int, cause: BaseException):
+        super().__init__(f"stream interrupted after {size} bytes: {cause}")
+        self.size = size
+        self.cause = cause
+
+
+class Storage(Protocol):
+    async def stat(self, key: str) -> int:
+        """Size in bytes, or NotFound."""
+
+    def local_path(self, key: str) -> Path | None:
+        """A file to hand to sendfile, when the driver stores on a local disk."""
+
+    async def read(self, key: str) -> bytes:
+        """A small object (index.json, a manifest) whole."""
+
+    async def write(self, key: str, data: bytes) -> None:
+        """Atomically replace a small object."""
+
+    async def delete(self, key: str) -> bool:
+        """Remove; False when it was not there."""
+
+    async def link(self, src: str, dst: str) -> None:
+        """Make dst hold src's bytes (hard link, copy, or server-side copy)."""
+
+    async def set_aside(self, key: str) -> str | None:
+        """Move an object to a private name (see services/content.py); None if absent."""
+
+    async def restore(self, aside: str, key: str) -> None:
+        """Put a set-aside object back under key unless key already exists."""
+
+    async def discard(self, aside: str) -> None: ...
+
+    def walk(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """(key, size) of every object under prefix."""
+
+    async def list_dirs(self, prefix: str) -> Iterable[str]: ...
+
+    # Uploads in progress.
+    async def upload_write(self, upload_id: str, offset: int, chunks: AsyncIterator[bytes],
+                           hashers: list[Hasher], limit: int | None = None) -> int:
+        """Write chunks at offset (which must be the stored size: InvalidOffset
+        otherwise), updating hashers; returns the new size."""
+
+    async def upload_size(self, upload_id: str) -> int: ...
+
+    def upload_read(self, upload_id: str, length: int) -> AsyncIterator[bytes]: ...
+
+    async def upload_place(self, upload_id: str, key: str) -> None:
+        """Make the upload's bytes visible under key (durably when commit is on);
+        the upload data stays until upload_delete."""
+
+    async def upload_delete(self, upload_id: str) -> None: ...

@@ -1,0 +1,278 @@
+"""Filesystem storage: keys are paths under the root directory.
+
+Every file that becomes visible is written under a temporary name and renamed
+into place; with ``commit`` on, file data and the directory entry are fsynced
+first. Blocking calls run in the loop's executor, except writes too small for
+a thread hop to pay off.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Callable, TypeVar
+
+from registry.digest import Hasher
+from registry.storage.base import InvalidOffset, NotFound, StorageError, WriteInterrupted
+
+T = TypeVar("T")
+UPLOADS = "_uploads"
+TRASH = "_trash"
+BATCH = 1 << 20  # bytes handed to a worker thread at a time
+INLINE = 256 << 10  # a tail smaller than this is written on the loop
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview, pos: int, hashers: list[Hasher]) -> None:
+    view = memoryview(data)
+    for h in hashers:
+        h.update(view)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+class FilesystemStorage:
+    def __init__(self, root: str | os.PathLike[str], *, commit: bool = True, dedupe: bool = True):
+        self.root = Path(root).resolve()
+        self.commit = commit
+        self.dedupe = dedupe
+        for sub in (UPLOADS, TRASH):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._copy_warned = False
+
+    # -- helpers
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except FileNotFoundError as exc:
+            raise NotFound(str(exc.filename and Path(exc.filename).name)) from None
+        except OSError as exc:
+            if isinstance(exc, (StorageError,)):
+                raise
+            raise StorageError(f"{exc.strerror or exc}") from None
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"bad key {key!r}")
+        return self.root / key
+
+    def _upload_path(self, upload_id: str) -> Path:
+        return self.root / UPLOADS / upload_id
+
+    def _durable_rename(self, tmp: Path, dst: Path) -> None:
+        os.replace(tmp, dst)
+        if self.commit:
+            _fsync_dir(dst.parent)
+
+    # -- objects
+    async def stat(self, key: str) -> int:
+        return (await self._run(os.stat, self._path(key))).st_size
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    async def read(self, key: str) -> bytes:
+        return await self._run(self._path(key).read_bytes)
+
+    def _write_sync(self, key: str, data: bytes) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.commit:
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._durable_rename(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def write(self, key: str, data: bytes) -> None:
+        await self._run(self._write_sync, key, data)
+
+    async def delete(self, key: str) -> bool:
+        try:
+            await self._run(os.unlink, self._path(key))
+        except NotFound:
+            return False
+        return True
+
+    def _link_sync(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            return
+        tmp = dst.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            if self.dedupe:
+                try:
+                    os.link(src, tmp)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                        raise
+                    self._copy_file(src, tmp)
+            else:
+                self._copy_file(src, tmp)
+            self._durable_rename(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _copy_file(self, src: Path, dst: Path) -> None:
+        shutil.copyfile(src, dst)
+        if self.commit:
+            fd = os.open(dst, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    async def link(self, src: str, dst: str) -> None:
+        await self._run(self._link_sync, self._path(src), self._path(dst))
+
+    async def set_aside(self, key: str) -> str | None:
+        aside = f"{TRASH}/{uuid.uuid4().hex}"
+        try:
+            await self._run(os.rename, self._path(key), self.root / aside)
+        except NotFound:
+            return None
+        return aside
+
+    def _restore_sync(self, aside: Path, dst: Path) -> None:
+        try:
+            os.link(aside, dst)
+        except FileExistsError:
+            pass
+
+    async def restore(self, aside: str, key: str) -> None:
+        await self._run(self._restore_sync, self.root / aside, self._path(key))
+
+    async def discard(self, aside: str) -> None:
+        try:
+            await self._run(os.unlink, self.root / aside)
+        except NotFound:
+            pass
+
+    def _walk_sync(self, prefix: str) -> list[tuple[str, int]]:
+        base = self._path(prefix) if prefix else self.root
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                p = Path(dirpath) / name
+                try:
+                    out.append((p.relative_to(self.root).as_posix(), p.stat().st_size))
+                except FileNotFoundError:
+                    continue
+        return out
+
+    async def walk(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        for item in await self._run(self._walk_sync, prefix):
+            yield item
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+
+        def ls() -> list[str]:
+            try:
+                return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                return []
+        return await self._run(ls)
+
+    # -- uploads
+    def _open_at(self, path: Path, offset: int) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size < offset:
+                raise InvalidOffset(size)
+            if size > offset:  # bytes written but never recorded (a crash, an interrupted stream)
+                os.ftruncate(fd, offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def upload_write(self, upload_id: str, offset: int, chunks: AsyncIterator[bytes],
+                           hashers: list[Hasher], limit: int | None = None) -> int:
+        fd = await self._run(self._open_at, self._upload_path(upload_id), offset)
+        pos, buf = offset, bytearray()
+        pending: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                async for chunk in chunks:
+                    buf += chunk
+                    if len(buf) >= BATCH:
+                        if pending is not None:
+                            await pending
+                        pending = loop.run_in_executor(None, _write_all, fd, buf, pos, hashers)
+                        pos += len(buf)
+                        buf = bytearray()
+            except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, EOFError) as exc:
+                if pending is not None:
+                    await pending
+                _write_all(fd, buf, pos, hashers)
+                pos += len(buf)
+                raise WriteInterrupted(pos, exc) from exc
+            if pending is not None:
+                await pending
+            if len(buf) < INLINE:
+                _write_all(fd, buf, pos, hashers)
+            else:
+                await loop.run_in_executor(None, _write_all, fd, buf, pos, hashers)
+            pos += len(buf)
+            if self.commit:
+                await loop.run_in_executor(None, os.fsync, fd)
+            return pos
+        except OSError as exc:
+            raise StorageError(exc.strerror or str(exc)) from None
+        finally:
+            os.close(fd)
+
+    async def upload_size(self, upload_id: str) -> int:
+        return (await self._run(os.stat, self._upload_path(upload_id))).st_size
+
+    async def upload_read(self, upload_id: str, length: int) -> AsyncIterator[bytes]:
+        f = await self._run(open, self._upload_path(upload_id), "rb")
+        try:
+            left = length
+            while left > 0:
+                data = await self._run(f.read, min(BATCH * 4, left))
+                if not data:
+                    raise StorageError(f"upload {upload_id} is shorter than {length} bytes")
+                left -= len(data)
+                yield data
+        finally:
+            f.close()
+
+    def _place_sync(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            return
+        tmp = dst.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            os.link(src, tmp)
+            self._durable_rename(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def upload_place(self, upload_id: str, key: str) -> None:
+        await self._run(self._place_sync, self._upload_path(upload_id), self._path(key))
+
+    async def upload_delete(self, upload_id: str) -> None:
+        try:
+            await self._run(os.unlink, self._upload_path(upload_id))
+        except NotFound:
+            pass

@@ -1,0 +1,75 @@
+"""Fixtures: a registry app on a temporary root, driven through aiohttp's test client."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from registry.app import create_app
+from registry.config import Config, load
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_config(root: Path, **sections: Any) -> Config:
+    cfg = load(None, environ={}, overrides={"storage": {"rootDirectory": str(root)}})
+    return cfg.replace(**sections) if sections else cfg
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "data", storage={"commit": False})
+
+
+@pytest.fixture
+async def client(aiohttp_client: Callable[..., Any], config: Config) -> AsyncIterator[TestClient]:
+    yield await aiohttp_client(create_app(config))
+
+
+class Pusher:
+    """Helpers to push blobs and manifests through the API, checking each step."""
+
+    def __init__(self, client: TestClient):
+        self.client = client
+
+    async def blob(self, repo: str, data: bytes) -> str:
+        digest = sha256(data)
+        r = await self.client.post(f"/v2/{repo}/blobs/uploads/?digest={digest}", data=data)
+        assert r.status == 201, await r.text()
+        return digest
+
+    async def manifest(self, repo: str, ref: str, doc: dict[str, Any],
+                       media_type: str = OCI_MANIFEST) -> tuple[str, bytes]:
+        body = json.dumps(doc).encode()
+        r = await self.client.put(f"/v2/{repo}/manifests/{ref}", data=body, headers={"Content-Type": media_type})
+        assert r.status == 201, await r.text()
+        return r.headers["Docker-Content-Digest"], body
+
+    async def image(self, repo: str, tag: str | None, layers: list[bytes] | None = None,
+                    config: bytes | None = None, **extra: Any) -> tuple[str, bytes]:
+        """Push config and layers, then an OCI image manifest; returns (digest, body)."""
+        config = config if config is not None else json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        layers = layers if layers is not None else [b"layer-" + repo.encode()]
+        cd = await self.blob(repo, config)
+        descs = [{"mediaType": OCI_LAYER, "digest": await self.blob(repo, layer), "size": len(layer)}
+                 for layer in layers]
+        doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+               "config": {"mediaType": OCI_CONFIG, "digest": cd, "size": len(config)}, "layers": descs, **extra}
+        body = json.dumps(doc).encode()
+        return await self.manifest(repo, tag or sha256(body), doc)
+
+
+@pytest.fixture
+def push(client: TestClient) -> Pusher:
+    return Pusher(client)
