@@ -10,6 +10,7 @@ from aiohttp import web
 from registry.api.middleware import API_VERSION, errors
 from registry.config import Config
 from registry.keys import CONFIG, SERVICES, Services
+from registry.maintenance.reindex import reindex_new_layouts
 from registry.meta.factory import open_meta
 from registry.routes import add_routes
 from registry.services.blobs import Blobs
@@ -38,9 +39,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_meta(cfg) as meta:
         svc = build_services(cfg, meta, storage)
         app[SERVICES] = svc
-        from registry.maintenance.reindex import reindex_new_layouts
+        repaired = await svc.layout.repair()
+        if repaired:
+            log.warning("rewrote index.json of %d repositories left stale by an interrupted run", repaired)
         await reindex_new_layouts(svc)
         yield
+        await svc.layout.drain()
 
 
 def create_app(cfg: Config) -> web.Application:

@@ -1,11 +1,35 @@
-"""GET/HEAD/DELETE /v2/<name>/blobs/<digest> (end-2, end-10)."""
+"""GET/HEAD/DELETE /v2/<name>/blobs/<digest> (end-2, end-10).
+
+Blobs go out with sendfile (web.FileResponse, which also answers Range with
+206/416). A small blob requested whole is read on the loop instead: from the
+page cache that costs microseconds, less than FileResponse's two thread hops.
+"""
 from __future__ import annotations
+
+import logging
+import os
 
 from aiohttp import web
 
+from registry.errors import RegistryError
+
 from registry.api.common import path_digest, repo_name, services
 
+log = logging.getLogger(__name__)
 OCTET = "application/octet-stream"
+SMALL_BLOB = 64 << 10
+
+
+def _read_small(path: str, size: int) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, size + 1)
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -19,6 +43,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         return web.Response(headers=headers)
     path = svc.blobs.local_path(repo, digest)
     assert path is not None, "only local storage is wired for now"
+    if size <= SMALL_BLOB and "Range" not in request.headers:
+        data = _read_small(str(path), size)
+        if data is not None:
+            headers["ETag"] = f'"{digest.hex}"'
+            return web.Response(body=data, headers=headers)
+    if not path.is_file():  # the row says yes, the disk says no: a repair case, never a 500
+        log.error("blob %s of %s is recorded but its file is missing; run registry reindex", digest, repo)
+        raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
     resp = web.FileResponse(path, headers=headers)
     resp.etag = digest.hex  # the digest is the strongest validator there is
     return resp

@@ -12,5 +12,6 @@ async def catalog(request: web.Request) -> web.Response:
     headers = {}
     if n is not None and len(repos) > n:
         repos = repos[:n]
-        headers["Link"] = next_link("/v2/_catalog", n, repos[-1])
+        if repos:  # n=0: an empty page, nothing to continue from
+            headers["Link"] = next_link("/v2/_catalog", n, repos[-1])
     return web.json_response({"repositories": repos}, headers=headers)

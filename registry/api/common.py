@@ -30,7 +30,7 @@ def page_params(request: web.Request) -> tuple[int | None, str | None]:
     n_text, last = request.query.get("n"), request.query.get("last")
     if n_text is None or n_text == "":
         return None, last
-    if not n_text.isdigit():
+    if not (n_text.isascii() and n_text.isdigit()):  # "²".isdigit() but int("²") fails
         raise RegistryError("UNSUPPORTED", f"n must be a non-negative integer, not {n_text[:50]!r}", status=400)
     return min(int(n_text), MAX_PAGE), last
 

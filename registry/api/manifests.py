@@ -35,7 +35,8 @@ async def put_manifest(request: web.Request) -> web.Response:
     repo, reference = repo_name(request), request.match_info["reference"]
     svc = services(request)
     body = await _read_body(request, request.app[CONFIG].uploads.max_manifest_size)
-    pushed = await svc.manifests.put(repo, reference, request.headers.get("Content-Type"), body)
+    pushed = await svc.manifests.put(repo, reference, request.headers.get("Content-Type"), body,
+                                     request.query.getall("tag", []))
     headers = {"Location": f"/v2/{repo}/manifests/{pushed.digest}", "Docker-Content-Digest": str(pushed.digest),
                "Content-Length": "0"}
     if pushed.subject:

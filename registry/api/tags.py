@@ -13,5 +13,6 @@ async def list_tags(request: web.Request) -> web.Response:
     headers = {}
     if n is not None and len(tags) > n:
         tags = tags[:n]
-        headers["Link"] = next_link(f"/v2/{repo}/tags/list", n, tags[-1])
+        if tags:  # n=0: an empty page, nothing to continue from
+            headers["Link"] = next_link(f"/v2/{repo}/tags/list", n, tags[-1])
     return web.json_response({"name": repo, "tags": tags}, headers=headers)

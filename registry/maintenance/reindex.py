@@ -109,7 +109,7 @@ async def import_layout(svc: Services, repo: str, result: ReindexResult) -> None
                 if ref.kind == "manifest":
                     await put(ref.digest, None)
         try:
-            await meta.manifest_put(repo, m, tag, svc.blobs.review_after())  # type: ignore[arg-type]
+            await meta.manifest_put(repo, m, [tag] if tag else [], svc.blobs.review_after())  # type: ignore[arg-type]
         except BadReferences as exc:
             result.problems.append(f"{repo}: manifest {digest} refers to missing content {exc}")
             return

@@ -73,8 +73,8 @@ class MetaStore(Protocol):
     async def blob_unlink(self, repo: str, digest: str) -> bool: ...
 
     # manifests and tags
-    async def manifest_put(self, repo: str, m: Manifest, tag: str | None, review_after: float) -> None:
-        """Insert the manifest (idempotent), its references and the tag in one
+    async def manifest_put(self, repo: str, m: Manifest, tags: list[str], review_after: float) -> None:
+        """Insert the manifest (idempotent), its references and the tags in one
         transaction; BadReferences when a referenced blob or manifest is absent."""
     async def manifest_get(self, repo: str, reference: str) -> Manifest | None: ...
     async def manifest_delete(self, repo: str, digest: str) -> bool:
@@ -86,6 +86,12 @@ class MetaStore(Protocol):
     async def catalog(self, n: int | None, last: str | None) -> list[str]: ...
     async def repo_exists(self, repo: str) -> bool: ...
     async def layout_entries(self, repo: str) -> list[LayoutEntry]: ...
+    async def layout_generation(self, repo: str) -> int:
+        """A counter every tag or manifest change of the repository bumps."""
+    async def layout_synced(self, repo: str, generation: int) -> None:
+        """index.json reflects every change up to ``generation``."""
+    async def layout_stale(self) -> list[str]:
+        """Repositories whose index.json may lag behind (after a crash)."""
 
     # upload sessions
     async def upload_create(self, upload_id: str, repo: str) -> None: ...

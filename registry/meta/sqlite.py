@@ -183,7 +183,7 @@ class SQLiteMeta:
         return await self._write(op)
 
     # -- manifests and tags
-    async def manifest_put(self, repo: str, m: Manifest, tag: str | None, review_after: float) -> None:
+    async def manifest_put(self, repo: str, m: Manifest, tags: list[str], review_after: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
             rid = _repo_id(conn, repo, True)
             missing, wrong = [], []
@@ -206,10 +206,10 @@ class SQLiteMeta:
             if inserted:
                 conn.executemany("INSERT OR IGNORE INTO manifest_refs (repo_id, parent, child, kind) "
                                  "VALUES (?, ?, ?, ?)", [(rid, m.digest, r.digest, r.kind) for r in m.refs])
-            if tag is not None:
-                conn.execute("INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) "
+            _bump_layout(conn, rid)
+            conn.executemany("INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, "
-                             "updated_at = excluded.updated_at", (rid, tag, m.digest, now))
+                             "updated_at = excluded.updated_at", [(rid, tag, m.digest, now) for tag in tags])
         await self._write(op)
 
     async def manifest_get(self, repo: str, reference: str) -> Manifest | None:
@@ -228,14 +228,18 @@ class SQLiteMeta:
             if rid is None:
                 return False
             conn.execute("DELETE FROM tags WHERE repo_id = ? AND digest = ?", (rid, digest))
+            _bump_layout(conn, rid)
             return conn.execute("DELETE FROM manifests WHERE repo_id = ? AND digest = ?",
                                 (rid, digest)).rowcount > 0
         return await self._write(op)
 
     async def tag_delete(self, repo: str, tag: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            return conn.execute("DELETE FROM tags WHERE name = ? AND repo_id = "
-                                "(SELECT id FROM repositories WHERE name = ?)", (tag, repo)).rowcount > 0
+            rid = _repo_id(conn, repo, False)
+            if rid is None:
+                return False
+            _bump_layout(conn, rid)
+            return conn.execute("DELETE FROM tags WHERE name = ? AND repo_id = ?", (tag, rid)).rowcount > 0
         return await self._write(op)
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
@@ -262,6 +266,18 @@ class SQLiteMeta:
 
     async def repo_exists(self, repo: str) -> bool:
         return bool(self._read("SELECT 1 FROM repositories WHERE name = ?", (repo,)))
+
+    async def layout_generation(self, repo: str) -> int:
+        rows = self._read("SELECT layout_gen FROM repositories WHERE name = ?", (repo,))
+        return rows[0][0] if rows else 0
+
+    async def layout_synced(self, repo: str, generation: int) -> None:
+        await self._write(lambda conn: conn.execute(
+            "UPDATE repositories SET layout_synced = max(layout_synced, ?) WHERE name = ?",
+            (generation, repo)) and None)
+
+    async def layout_stale(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT name FROM repositories WHERE layout_gen > layout_synced")]
 
     async def layout_entries(self, repo: str) -> list[LayoutEntry]:
         rows = self._read(
@@ -294,6 +310,10 @@ class SQLiteMeta:
     async def upload_delete(self, upload_id: str) -> bool:
         return await self._write(lambda conn: conn.execute(
             "DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount > 0)
+
+
+def _bump_layout(conn: sqlite3.Connection, rid: int) -> None:
+    conn.execute("UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id = ?", (rid,))
 
 
 def _settle(results: list[Any]) -> None:

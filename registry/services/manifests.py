@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from registry.config import Config
 from registry.digest import DEFAULT_ALGORITHM, Digest, digest_bytes, parse_digest
@@ -54,7 +54,7 @@ def parse(body: bytes, content_type: str | None) -> Manifest:
     """Validate a pushed manifest; the digest is filled in by the caller."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise _invalid("the manifest is not valid JSON") from None
     if not isinstance(doc, dict):
         raise _invalid("the manifest must be a JSON object")
@@ -104,6 +104,10 @@ def parse(body: bytes, content_type: str | None) -> Manifest:
     if annotations is not None and (not isinstance(annotations, dict)
                                     or not all(isinstance(v, str) for v in annotations.values())):
         raise _invalid("annotations must map strings to strings")
+    try:
+        (artifact_type or "").encode()
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate, which cannot be stored
+        raise _invalid("artifactType is not valid Unicode") from None
     # One row per distinct reference: a layer may be listed twice.
     unique = list({(r.digest, r.kind): r for r in refs}.values())
     return Manifest(digest="", media_type=media_type, size=len(body), payload=body, subject=subject,
@@ -126,23 +130,28 @@ class Manifests:
         self.blobs = blobs
         self.layout = layout
 
-    async def put(self, repo: str, reference: str, content_type: str | None, body: bytes) -> Pushed:
+    async def put(self, repo: str, reference: str, content_type: str | None, body: bytes,
+                  extra_tags: Sequence[str] = ()) -> Pushed:
+        """Push by tag, or by digest with optional ``?tag=`` query tags."""
         m = parse(body, content_type)
+        for t in extra_tags:
+            if not is_tag(t):
+                raise RegistryError("MANIFEST_INVALID", f"invalid tag {t[:200]!r}")
         if ":" in reference:
             want = parse_digest(reference)
             digest = digest_bytes(body, want.algorithm)
             if digest != want:
                 raise RegistryError("DIGEST_INVALID", f"the manifest's {want.algorithm} digest is {digest}")
-            tag = None
+            tags = list(extra_tags)
         else:
             if not is_tag(reference):
                 raise RegistryError("MANIFEST_INVALID", f"invalid tag {reference[:200]!r}")
-            digest, tag = digest_bytes(body, DEFAULT_ALGORITHM), reference
+            digest, tags = digest_bytes(body, DEFAULT_ALGORITHM), [reference, *extra_tags]
         m.digest = str(digest)
         await self.layout.ensure_repo(repo)
         await self.blobs.storage.write(f"{repo}/{digest.path}", body)
         try:
-            await self.meta.manifest_put(repo, m, tag, self.blobs.review_after())
+            await self.meta.manifest_put(repo, m, tags, self.blobs.review_after())
         except BadReferences as exc:
             if exc.missing:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", {"digests": exc.missing}) from None
