@@ -51,6 +51,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if not path.is_file():  # the row says yes, the disk says no: a repair case, never a 500
         log.error("blob %s of %s is recorded but its file is missing; run registry reindex", digest, repo)
         raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
+    if "Range" in request.headers and "If-Range" not in request.headers:
+        try:  # refuse here what FileResponse would answer 416, so the error has the JSON body
+            rng: slice | None = request.http_range
+        except ValueError:
+            rng = None
+        if rng is None or (rng.start is not None and rng.start >= size):
+            raise RegistryError("RANGE_INVALID", {"range": request.headers["Range"][:100], "size": size},
+                                status=416, headers={"Content-Range": f"bytes */{size}"})
     resp = web.FileResponse(path, headers=headers)
     resp.etag = digest.hex  # the digest is the strongest validator there is
     return resp
