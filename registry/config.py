@@ -99,10 +99,35 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PostgresConfig:
+    """A PostgreSQL server for the metadata (``meta.driver: postgres``): a DSN, or its parts."""
+    dsn: str = key("dsn", default="")
+    host: str = key("host", default="127.0.0.1")
+    port: int = key("port", default=5432)
+    user: str = key("user", default="postgres")
+    password: str = key("password", default="")
+    database: str = key("database", default="registry")
+    sslmode: str = key("sslmode", default="prefer")
+    schema: str = key("schema", default="public")
+    pool_size: int = key("poolSize", default=10)
+    connect_timeout: Duration = key("connectTimeout", default=Duration(10))
+
+    def where(self) -> str:
+        """host:port/database for messages: never the password."""
+        if self.dsn:
+            from urllib.parse import urlsplit
+            u = urlsplit(self.dsn)
+            return f"{u.hostname or 'localhost'}:{u.port or 5432}{u.path or ''}"
+        return f"{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
 class MetaConfig:
-    """Our own: where the metadata lives. ``sqlite`` keeps it inside the root directory."""
+    """Our own: where the metadata lives. ``sqlite`` keeps it inside the root directory;
+    ``postgres`` is shared by replicas; ``memory`` keeps nothing (tests, throwaway runs)."""
     driver: str = key("driver", default="sqlite")
     path: str = key("path", default="")  # sqlite file; default <rootDirectory>/_registry/meta.sqlite
+    postgres: PostgresConfig = key("postgres", default_factory=PostgresConfig)
 
 
 @dataclass(frozen=True)
@@ -139,8 +164,19 @@ _LEVELS = {"debug", "info", "warning", "warn", "error", "critical"}
 
 
 def _validate(cfg: Config) -> None:
-    if cfg.meta.driver not in ("sqlite",):
-        raise ConfigError(f"meta.driver: {cfg.meta.driver!r} is not a known metadata store (expected sqlite)")
+    if cfg.meta.driver not in ("sqlite", "postgres", "memory"):
+        raise ConfigError(f"meta.driver: {cfg.meta.driver!r} is not a known metadata store "
+                          "(expected sqlite, postgres or memory)")
+    pg = cfg.meta.postgres
+    if pg.sslmode not in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"):
+        raise ConfigError(f"meta.postgres.sslmode: {pg.sslmode!r} (expected disable, allow, prefer, require, "
+                          "verify-ca or verify-full)")
+    if pg.pool_size < 1:
+        raise ConfigError(f"meta.postgres.poolSize: {pg.pool_size} (expected 1 or more)")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", pg.schema):
+        raise ConfigError(f"meta.postgres.schema: {pg.schema!r} (expected a plain SQL identifier)")
+    if pg.dsn and not pg.dsn.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("meta.postgres.dsn: expected a postgresql:// URL")
     if not 0 <= cfg.http.port <= 65535:
         raise ConfigError(f"http.port: {cfg.http.port} is not a TCP port (expected 0-65535)")
     if cfg.http.workers < 1:

@@ -1,0 +1,248 @@
+"""PostgreSQL metadata store on asyncpg, shared by replicas.
+
+Each operation is one round trip: single statements, data-modifying CTEs, or
+a server-side function (registry_manifest_put) for the manifest push. asyncpg
+prepares and caches every statement per connection. Connection failures
+become MetaError (the API answers 503 with Retry-After); the pool replaces
+broken connections by itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import asyncpg
+
+from registry.config import PostgresConfig
+from registry.meta import migrate
+from registry.meta.base import BadReferences, LayoutEntry, Manifest, MetaError, Upload
+
+MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
+_MANIFEST_COLS = "m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations"
+_TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+              asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+def _manifest(row: Any) -> Manifest:
+    return Manifest(digest=row[0], media_type=row[1], size=row[2], payload=bytes(row[3]), subject=row[4],
+                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None)
+
+
+def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"timeout": cfg.connect_timeout,
+                          "server_settings": {"search_path": cfg.schema, "application_name": "registry"}}
+    if cfg.dsn:
+        kw["dsn"] = cfg.dsn
+    else:
+        kw.update(host=cfg.host, port=cfg.port, user=cfg.user, database=cfg.database,
+                  password=cfg.password or None)
+    kw["ssl"] = cfg.sslmode
+    return kw
+
+
+def _describe(exc: BaseException) -> str:
+    """The reason of a failure, without connection parameters (no password can leak)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__ + (f": {exc}" if isinstance(exc, asyncpg.InterfaceError) else "")
+
+
+class PostgresMeta:
+    def __init__(self, cfg: PostgresConfig):
+        self.cfg = cfg
+        self.pool: asyncpg.Pool | None = None
+
+    # -- pool and migrations
+    async def open(self) -> None:
+        try:
+            self.pool = await asyncpg.create_pool(min_size=1, max_size=self.cfg.pool_size,
+                                                  **connect_kwargs(self.cfg))
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise MetaError(f"cannot connect to PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+        try:
+            await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def migrate(self) -> int:
+        """Apply pending migrations under an advisory lock (replicas may start together)."""
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                if self.cfg.schema != "public":
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.cfg.schema}"')
+                await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                                   "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+                have = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                if have and max(have) > migrate.latest("postgres"):
+                    raise migrate.SchemaTooNew(migrate.too_new_message(max(have), "postgres"))
+                for version, name, sql in migrate.migrations("postgres"):
+                    if version in have:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
+                                           version, name, time.time())
+                return max(have | {v for v, _, _ in migrate.migrations("postgres")})
+            except asyncpg.PostgresError as exc:
+                raise MetaError(f"migrating PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+    async def schema_version(self) -> int:
+        return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")
+
+    # -- one round trip each
+    async def _call(self, method: str, sql: str, *args: Any) -> Any:
+        if self.pool is None:
+            raise MetaError("metadata store not open")
+        try:
+            return await getattr(self.pool, method)(sql, *args)
+        except _TRANSIENT as exc:
+            raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise MetaError(f"PostgreSQL: {_describe(exc)}") from None
+
+    async def _rows(self, sql: str, *args: Any) -> list[Any]:
+        return await self._call("fetch", sql, *args)
+
+    async def _row(self, sql: str, *args: Any) -> Any:
+        return await self._call("fetchrow", sql, *args)
+
+    async def _val(self, sql: str, *args: Any) -> Any:
+        return await self._call("fetchval", sql, *args)
+
+    # -- blobs
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        return await self._val(
+            "SELECT b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id WHERE r.name = $1 "
+            "AND b.digest = $2 UNION ALL SELECT m.size FROM manifests m JOIN repositories r ON r.id = m.repo_id "
+            "WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest)
+
+    async def blob_holder(self, digest: str) -> tuple[str, int] | None:
+        row = await self._row("SELECT r.name, b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
+                              "WHERE b.digest = $1 LIMIT 1", digest)
+        return (row[0], row[1]) if row else None
+
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None:
+        now = time.time()
+        await self._call("execute",
+                         "INSERT INTO repo_blobs (repo_id, digest, size, created_at, review_after) "
+                         "VALUES (registry_repo_id($1, $4), $2, $3, $4, $5) ON CONFLICT (repo_id, digest) "
+                         "DO UPDATE SET review_after = greatest(repo_blobs.review_after, excluded.review_after)",
+                         repo, digest, size, now, review_after)
+
+    async def blob_unlink(self, repo: str, digest: str) -> bool:
+        return await self._val(
+            "WITH d AS (DELETE FROM repo_blobs WHERE digest = $2 AND repo_id = "
+            "(SELECT id FROM repositories WHERE name = $1) RETURNING 1) SELECT count(*) > 0 FROM d", repo, digest)
+
+    # -- manifests and tags
+    async def manifest_put(self, repo: str, m: Manifest, tags: list[str], review_after: float) -> None:
+        row = await self._row(
+            "SELECT missing, wrong_size FROM registry_manifest_put($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12, $13, $14)", repo, m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type,
+            json.dumps(m.annotations) if m.annotations else None, [r.digest for r in m.refs],
+            [r.kind for r in m.refs], [r.size for r in m.refs], list(tags), time.time(), review_after)
+        if row[0] or row[1]:
+            raise BadReferences(list(row[0]), list(row[1]))
+
+    async def manifest_get(self, repo: str, reference: str) -> Manifest | None:
+        if ":" in reference:
+            row = await self._row(f"SELECT {_MANIFEST_COLS} FROM manifests m JOIN repositories r "
+                                  "ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2", repo, reference)
+        else:
+            row = await self._row(f"SELECT {_MANIFEST_COLS} FROM tags t JOIN repositories r ON r.id = t.repo_id "
+                                  "JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest "
+                                  "WHERE r.name = $1 AND t.name = $2", repo, reference)
+        return _manifest(row) if row else None
+
+    async def manifest_delete(self, repo: str, digest: str) -> bool:
+        # Tags and references go with the manifest (ON DELETE CASCADE).
+        return await self._val(
+            "WITH r AS (SELECT id FROM repositories WHERE name = $1), "
+            "d AS (DELETE FROM manifests WHERE repo_id = (SELECT id FROM r) AND digest = $2 RETURNING repo_id), "
+            "g AS (UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id IN (SELECT repo_id FROM d)) "
+            "SELECT count(*) > 0 FROM d", repo, digest)
+
+    async def tag_delete(self, repo: str, tag: str) -> bool:
+        return await self._val(
+            "WITH r AS (SELECT id FROM repositories WHERE name = $1), "
+            "d AS (DELETE FROM tags WHERE repo_id = (SELECT id FROM r) AND name = $2 RETURNING repo_id), "
+            "g AS (UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id IN (SELECT repo_id FROM d)) "
+            "SELECT count(*) > 0 FROM d", repo, tag)
+
+    async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
+        rows = await self._rows(
+            "SELECT t.name FROM repositories r LEFT JOIN LATERAL (SELECT name FROM tags WHERE repo_id = r.id "
+            "AND name > $2 ORDER BY name LIMIT $3) t ON true WHERE r.name = $1", repo, last or "", n)
+        if not rows:
+            return None
+        return [r[0] for r in rows if r[0] is not None]
+
+    async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]:
+        rows = await self._rows(
+            f"SELECT {_MANIFEST_COLS} FROM manifests m JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 "
+            "AND m.subject = $2 AND ($3::text IS NULL OR m.artifact_type = $3) ORDER BY m.created_at, m.digest",
+            repo, subject, artifact_type)
+        return [_manifest(r) for r in rows]
+
+    async def catalog(self, n: int | None, last: str | None) -> list[str]:
+        rows = await self._rows("SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2",
+                                last or "", n)
+        return [r[0] for r in rows]
+
+    async def repo_exists(self, repo: str) -> bool:
+        return bool(await self._val("SELECT count(*) > 0 FROM repositories WHERE name = $1", repo))
+
+    async def layout_entries(self, repo: str) -> list[LayoutEntry]:
+        rows = await self._rows(
+            "SELECT t.name, m.digest, m.media_type, m.size, m.artifact_type FROM tags t "
+            "JOIN repositories r ON r.id = t.repo_id JOIN manifests m ON m.repo_id = t.repo_id "
+            "AND m.digest = t.digest WHERE r.name = $1 "
+            "UNION ALL SELECT NULL, m.digest, m.media_type, m.size, m.artifact_type FROM manifests m "
+            "JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 "
+            "AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest) "
+            "AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.repo_id = m.repo_id AND x.child = m.digest "
+            "AND x.kind = 'manifest') ORDER BY 1 NULLS FIRST, 2", repo)
+        return [LayoutEntry(tag=r[0], digest=r[1], media_type=r[2], size=r[3], artifact_type=r[4]) for r in rows]
+
+    async def layout_generation(self, repo: str) -> int:
+        return await self._val("SELECT layout_gen FROM repositories WHERE name = $1", repo) or 0
+
+    async def layout_synced(self, repo: str, generation: int) -> None:
+        await self._call("execute", "UPDATE repositories SET layout_synced = greatest(layout_synced, $2) "
+                         "WHERE name = $1", repo, generation)
+
+    async def layout_stale(self) -> list[str]:
+        return [r[0] for r in await self._rows("SELECT name FROM repositories WHERE layout_gen > layout_synced")]
+
+    # -- upload sessions
+    async def upload_create(self, upload_id: str, repo: str) -> None:
+        now = time.time()
+        await self._call("execute", "INSERT INTO uploads (id, repo, size, created_at, updated_at) "
+                         "VALUES ($1, $2, 0, $3, $3)", upload_id, repo, now)
+
+    async def upload_get(self, upload_id: str) -> Upload | None:
+        row = await self._row("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE id = $1", upload_id)
+        return Upload(*row) if row else None
+
+    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
+        status = await self._call("execute", "UPDATE uploads SET size = $3, updated_at = $4 WHERE id = $1 "
+                                  "AND size = $2", upload_id, old, new, time.time())
+        return status.endswith(" 1")
+
+    async def upload_delete(self, upload_id: str) -> bool:
+        status = await self._call("execute", "DELETE FROM uploads WHERE id = $1", upload_id)
+        return status.endswith(" 1")
