@@ -85,6 +85,8 @@ class HTTPConfig:
     tls: TLSConfig = key("tls", default_factory=TLSConfig)
     # Our own: worker processes sharing the port with SO_REUSEPORT.
     workers: int = key("workers", default=1)
+    # Our own: on SIGTERM, how long in-flight requests may take to finish before they are cancelled.
+    shutdown_timeout: Duration = key("shutdownTimeout", default=Duration(30))
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,43 @@ class UploadsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = key("level", default="info")
+    # Our own: json (one object per line), text, or auto (text on a terminal, JSON otherwise).
+    format: str = key("format", default="auto")
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    """zot's spelling of the metrics path: ``extensions.metrics.prometheus.path``."""
+    path: str = key("path", default="")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enable: bool = key("enable", default=True)
+    path: str = key("path", default="/metrics")
+    prometheus: PrometheusConfig = key("prometheus", default_factory=PrometheusConfig)
+    # Our own: a per-repository label on a few series, for at most maxRepositories names
+    # (the rest are counted under "_other"). Off by default: repository names are unbounded.
+    repository_labels: bool = key("repositoryLabels", default=False)
+    max_repositories: int = key("maxRepositories", default=100)
+
+    @property
+    def effective_path(self) -> str:
+        return self.prometheus.path or self.path
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    enable: bool = key("enable", default=True)
+    interval: Duration = key("interval", default=Duration(86400))
+    # Our own: read pacing, so a scrub never starves pushes and pulls of disk bandwidth; 0 = unpaced.
+    bytes_per_second: Size = key("bytesPerSecond", default=Size(0))
+
+
+@dataclass(frozen=True)
+class ExtensionsConfig:
+    metrics: MetricsConfig = key("metrics", default_factory=MetricsConfig)
+    scrub: ScrubConfig = key("scrub", default_factory=ScrubConfig)
 
 
 @dataclass(frozen=True)
@@ -150,6 +189,7 @@ class Config:
     meta: MetaConfig = key("meta", default_factory=MetaConfig)
     uploads: UploadsConfig = key("uploads", default_factory=UploadsConfig)
     log: LogConfig = key("log", default_factory=LogConfig)
+    extensions: ExtensionsConfig = key("extensions", default_factory=ExtensionsConfig)
 
     @property
     def root(self) -> Path:
@@ -184,11 +224,42 @@ def _validate(cfg: Config) -> None:
     if cfg.log.level.lower() not in _LEVELS:
         raise ConfigError(f"log.level: {cfg.log.level!r} (expected one of {', '.join(sorted(_LEVELS))})")
     if not cfg.storage.root_directory:
-        raise ConfigError("storage.rootDirectory: must not be empty")
+        raise ConfigError("storage.rootDirectory: '' is empty (expected a directory path)")
     if cfg.uploads.max_manifest_size < 4 << 20:
-        raise ConfigError("uploads.maxManifestSize: must be at least 4MiB (the spec's minimum)")
+        raise ConfigError(f"uploads.maxManifestSize: {int(cfg.uploads.max_manifest_size)} bytes is too small "
+                          "(expected at least 4MiB, the spec's minimum)")
     if bool(cfg.http.tls.cert) != bool(cfg.http.tls.key):
-        raise ConfigError("http.tls: cert and key must be given together")
+        raise ConfigError(f"http.tls: cert {cfg.http.tls.cert!r} and key {cfg.http.tls.key!r} "
+                          "(expected both or neither)")
+    _validate_ops(cfg)
+
+
+_LOG_FORMATS = ("json", "text", "auto")
+_RESERVED_PATHS = ("/healthz", "/readyz")
+
+
+def _validate_ops(cfg: Config) -> None:
+    """Logs, shutdown, metrics and scrub settings (issue 8)."""
+    if cfg.log.format.lower() not in _LOG_FORMATS:
+        raise ConfigError(f"log.format: {cfg.log.format!r} (expected one of {', '.join(_LOG_FORMATS)})")
+    if cfg.http.shutdown_timeout < 0:
+        raise ConfigError(f"http.shutdownTimeout: {float(cfg.http.shutdown_timeout)} (expected 0s or more)")
+    m = cfg.extensions.metrics
+    for name, path in (("path", m.path), ("prometheus.path", m.prometheus.path)):
+        if name == "prometheus.path" and not path:
+            continue
+        if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", path) or path == "/" or path.startswith("/v2") \
+                or path in _RESERVED_PATHS:
+            raise ConfigError(f"extensions.metrics.{name}: {path!r} (expected a URL path such as /metrics, "
+                              "outside /v2 and other than /healthz and /readyz)")
+    if m.max_repositories < 1:
+        raise ConfigError(f"extensions.metrics.maxRepositories: {m.max_repositories} (expected 1 or more)")
+    s = cfg.extensions.scrub
+    if s.interval <= 0:
+        raise ConfigError(f"extensions.scrub.interval: {float(s.interval)} (expected a duration above 0s)")
+    if s.bytes_per_second < 0:
+        raise ConfigError(f"extensions.scrub.bytesPerSecond: {int(s.bytes_per_second)} "
+                          "(expected a rate such as 50MiB, or 0 for unpaced)")
 
 
 def _keyed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,6 +282,22 @@ def to_dict(obj: Any) -> dict[str, Any]:
         out[f.metadata["key"]] = to_dict(value) if dataclasses.is_dataclass(value) else (
             float(value) if isinstance(value, Duration) else int(value) if isinstance(value, Size) else value)
     return out
+
+
+SECRET_KEYS = frozenset({"password", "secret", "secretkey", "secret-key", "secret_key", "token", "dsn"})
+MASK = "***"
+
+
+def masked(data: Any) -> Any:
+    """A copy of a config mapping (as ``to_dict`` spells it) with every secret shown as ``***``:
+    any key named password, secret, secretKey, secret-key, token or dsn, at any depth.
+    An empty value stays empty, so "not set" is still visible."""
+    if isinstance(data, Mapping):
+        return {k: (MASK if str(k).lower() in SECRET_KEYS and v not in ("", None) else masked(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    return data
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -245,7 +332,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix or 'config'}: {data!r} is not valid (expected a mapping of keys, "
+                          f"got {type(data).__name__})")
     hints = get_type_hints(cls)
     by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(by_key))
@@ -259,7 +347,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             continue
         path = f"{prefix}.{k}" if prefix else k
         tp = hints[f.name]
-        kwargs[f.name] = _build(tp, data[k] or {}, path) if dataclasses.is_dataclass(tp) else _convert(tp, data[k], path)
+        kwargs[f.name] = (_build(tp, {} if data[k] is None else data[k], path) if dataclasses.is_dataclass(tp)
+                          else _convert(tp, data[k], path))
     return cls(**kwargs)
 
 

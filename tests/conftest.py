@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from registry.app import create_app
+from tests.pg import pg_dsn, pg_schema  # noqa: F401  (fixtures)
 from registry.config import Config, load
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -27,8 +28,13 @@ def make_config(root: Path, **sections: Any) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
+@pytest.fixture(params=["sqlite", "postgres"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
+    """Every API test runs on the embedded default and on PostgreSQL."""
+    if request.param == "postgres":
+        dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
+        return make_config(tmp_path / "data", storage={"commit": False},
+                           meta={"driver": "postgres", "postgres": {"dsn": dsn, "schema": schema, "pool_size": 4}})
     return make_config(tmp_path / "data", storage={"commit": False})
 
 

@@ -28,6 +28,8 @@ def path_digest(request: web.Request) -> Digest:
 
 def page_params(request: web.Request) -> tuple[int | None, str | None]:
     n_text, last = request.query.get("n"), request.query.get("last")
+    if last is not None and "\x00" in last:  # no name or tag holds a NUL, and no store can compare one
+        raise RegistryError("UNSUPPORTED", "last must not contain NUL", status=400)
     if n_text is None or n_text == "":
         return None, last
     if not (n_text.isascii() and n_text.isdigit()):  # "²".isdigit() but int("²") fails

@@ -12,7 +12,10 @@ from registry.services.manifests import OCI_INDEX
 async def list_referrers(request: web.Request) -> web.Response:
     repo, digest = repo_name(request), path_digest(request)
     artifact_type = request.query.get("artifactType") or None
-    manifests = await services(request).manifests.referrers(repo, digest, artifact_type)
+    if artifact_type is not None and "\x00" in artifact_type:
+        manifests = []  # no stored artifactType holds a NUL
+    else:
+        manifests = await services(request).manifests.referrers(repo, digest, artifact_type)
     headers = {"Content-Type": OCI_INDEX}
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"

@@ -29,6 +29,17 @@ def _invalid(detail: str) -> RegistryError:
     return RegistryError("MANIFEST_INVALID", detail)
 
 
+def _storable(text: str) -> bool:
+    """JSON can spell a lone surrogate or a NUL; no metadata store can keep either as text."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _descriptor(obj: Any, where: str) -> tuple[str, Digest, int]:
     if not isinstance(obj, dict):
         raise _invalid(f"{where}: a descriptor must be an object")
@@ -104,10 +115,8 @@ def parse(body: bytes, content_type: str | None) -> Manifest:
     if annotations is not None and (not isinstance(annotations, dict)
                                     or not all(isinstance(v, str) for v in annotations.values())):
         raise _invalid("annotations must map strings to strings")
-    try:
-        (artifact_type or "").encode()
-    except UnicodeEncodeError:  # JSON can spell a lone surrogate, which cannot be stored
-        raise _invalid("artifactType is not valid Unicode") from None
+    if artifact_type is not None and not _storable(artifact_type):
+        raise _invalid("artifactType is not valid Unicode text")
     # One row per distinct reference: a layer may be listed twice.
     unique = list({(r.digest, r.kind): r for r in refs}.values())
     return Manifest(digest="", media_type=media_type, size=len(body), payload=body, subject=subject,

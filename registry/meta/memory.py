@@ -1,0 +1,176 @@
+"""In-memory metadata store: nothing persists. For tests and throwaway runs.
+Every operation completes without awaiting, so each is atomic on the loop."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from registry.meta.base import BadReferences, LayoutEntry, Manifest, Upload
+
+
+@dataclass
+class _Repo:
+    blobs: dict[str, int] = field(default_factory=dict)
+    review: dict[str, float] = field(default_factory=dict)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    layout_gen: int = 0
+    layout_synced: int = 0
+
+
+class MemoryMeta:
+    def __init__(self) -> None:
+        self._repos: dict[str, _Repo] = {}
+        self._uploads: dict[str, Upload] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def schema_version(self) -> int:
+        return 0
+
+    def _repo(self, name: str) -> _Repo:
+        return self._repos.setdefault(name, _Repo())
+
+    # -- blobs
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        r = self._repos.get(repo)
+        if r is None:
+            return None
+        if digest in r.blobs:
+            return r.blobs[digest]
+        m = r.manifests.get(digest)
+        return m.size if m else None
+
+    async def blob_holder(self, digest: str) -> tuple[str, int] | None:
+        for name, r in self._repos.items():
+            if digest in r.blobs:
+                return name, r.blobs[digest]
+        return None
+
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None:
+        r = self._repo(repo)
+        r.blobs.setdefault(digest, size)
+        r.review[digest] = max(r.review.get(digest, 0.0), review_after)
+
+    async def blob_unlink(self, repo: str, digest: str) -> bool:
+        r = self._repos.get(repo)
+        if r is None or digest not in r.blobs:
+            return False
+        del r.blobs[digest]
+        r.review.pop(digest, None)
+        return True
+
+    # -- manifests and tags
+    async def manifest_put(self, repo: str, m: Manifest, tags: list[str], review_after: float) -> None:
+        r = self._repo(repo)
+        missing, wrong = [], []
+        for ref in m.refs:
+            have = r.blobs.get(ref.digest) if ref.kind == "blob" else (
+                r.manifests[ref.digest].size if ref.digest in r.manifests else None)
+            if have is None:
+                missing.append(ref.digest)
+            elif have != ref.size:
+                wrong.append(f"{ref.digest} is {have} bytes, not {ref.size}")
+        if missing or wrong:
+            raise BadReferences(missing, wrong)
+        if m.digest not in r.manifests:
+            r.manifests[m.digest] = replace(m, refs=list(m.refs))
+            r.created[m.digest] = time.time()
+        r.layout_gen += 1
+        for tag in tags:
+            r.tags[tag] = m.digest
+
+    async def manifest_get(self, repo: str, reference: str) -> Manifest | None:
+        r = self._repos.get(repo)
+        if r is None:
+            return None
+        digest = reference if ":" in reference else r.tags.get(reference)
+        return r.manifests.get(digest) if digest else None
+
+    async def manifest_delete(self, repo: str, digest: str) -> bool:
+        r = self._repos.get(repo)
+        if r is None or digest not in r.manifests:
+            return False
+        del r.manifests[digest]
+        r.created.pop(digest, None)
+        for tag in [t for t, d in r.tags.items() if d == digest]:
+            del r.tags[tag]
+        r.layout_gen += 1
+        return True
+
+    async def tag_delete(self, repo: str, tag: str) -> bool:
+        r = self._repos.get(repo)
+        if r is None or tag not in r.tags:
+            return False
+        del r.tags[tag]
+        r.layout_gen += 1
+        return True
+
+    async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
+        r = self._repos.get(repo)
+        if r is None:
+            return None
+        out = sorted(t for t in r.tags if t > (last or ""))
+        return out if n is None else out[:n]
+
+    async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]:
+        r = self._repos.get(repo)
+        if r is None:
+            return []
+        found = [m for m in r.manifests.values() if m.subject == subject
+                 and (artifact_type is None or m.artifact_type == artifact_type)]
+        return sorted(found, key=lambda m: (r.created[m.digest], m.digest))
+
+    async def catalog(self, n: int | None, last: str | None) -> list[str]:
+        out = sorted(name for name in self._repos if name > (last or ""))
+        return out if n is None else out[:n]
+
+    async def repo_exists(self, repo: str) -> bool:
+        return repo in self._repos
+
+    async def layout_entries(self, repo: str) -> list[LayoutEntry]:
+        r = self._repos.get(repo)
+        if r is None:
+            return []
+        children = {ref.digest for m in r.manifests.values() for ref in m.refs if ref.kind == "manifest"}
+        tagged = set(r.tags.values())
+        out = [LayoutEntry(m.digest, m.media_type, m.size, t, m.artifact_type)
+               for t, d in sorted(r.tags.items()) for m in [r.manifests[d]]]
+        out += [LayoutEntry(m.digest, m.media_type, m.size, None, m.artifact_type)
+                for d, m in sorted(r.manifests.items()) if d not in tagged and d not in children]
+        return sorted(out, key=lambda e: (e.tag is not None, e.tag or "", e.digest))
+
+    async def layout_generation(self, repo: str) -> int:
+        r = self._repos.get(repo)
+        return r.layout_gen if r else 0
+
+    async def layout_synced(self, repo: str, generation: int) -> None:
+        r = self._repos.get(repo)
+        if r is not None:
+            r.layout_synced = max(r.layout_synced, generation)
+
+    async def layout_stale(self) -> list[str]:
+        return [name for name, r in self._repos.items() if r.layout_gen > r.layout_synced]
+
+    # -- upload sessions
+    async def upload_create(self, upload_id: str, repo: str) -> None:
+        now = time.time()
+        self._uploads[upload_id] = Upload(upload_id, repo, 0, now, now)
+
+    async def upload_get(self, upload_id: str) -> Upload | None:
+        return self._uploads.get(upload_id)
+
+    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
+        up = self._uploads.get(upload_id)
+        if up is None or up.size != old:
+            return False
+        self._uploads[upload_id] = Upload(up.id, up.repo, new, up.created_at, time.time())
+        return True
+
+    async def upload_delete(self, upload_id: str) -> bool:
+        return self._uploads.pop(upload_id, None) is not None
