@@ -8,10 +8,13 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from registry.api.middleware import API_VERSION, errors
+from registry.api.observe import Observer
 from registry.config import Config
-from registry.keys import CONFIG, SERVICES, Services
+from registry.keys import CONFIG, METRICS, OBSERVER, SERVICES, TUNABLES, Services
 from registry.maintenance.reindex import reindex_new_layouts
 from registry.meta.factory import open_meta
+from registry.metrics import Metrics
+from registry.reload import Tunables
 from registry.routes import add_routes
 from registry.services.blobs import Blobs
 from registry.services.layout import Layout
@@ -44,12 +47,19 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             log.warning("rewrote index.json of %d repositories left stale by an interrupted run", repaired)
         await reindex_new_layouts(svc)
         yield
-        await svc.layout.drain()
 
 
 def create_app(cfg: Config) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=cfg.uploads.max_manifest_size + 1)
+    # Metrics, request ids and the access log (issue 8): the observer middleware runs outermost.
+    metrics = Metrics(cfg) if cfg.extensions.metrics.enable else None
+    observer = Observer(metrics, cfg.extensions.metrics.effective_path)
+    app = web.Application(middlewares=[observer.middleware(), errors],
+                          client_max_size=cfg.uploads.max_manifest_size + 1)
     app[CONFIG] = cfg
+    app[OBSERVER] = observer
+    app[TUNABLES] = Tunables.from_config(cfg)
+    if metrics is not None:
+        app[METRICS] = metrics
     app.cleanup_ctx.append(_services_ctx)
     app.on_response_prepare.append(_add_version_header)
     add_routes(app)

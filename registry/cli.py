@@ -5,11 +5,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from registry import __version__
-from registry.config import Config, ConfigError, load, to_dict
+from registry.config import ENV_PREFIX, Config, ConfigError, load, masked, to_dict
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,16 +32,26 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _logging(cfg: Config) -> None:
-    level = cfg.log.level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from registry.logs import setup_logging
+    setup_logging(cfg.log.level, cfg.log.format)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     cfg = _config(args)
     _logging(cfg)
     from registry.server import serve
+    from registry.meta.base import MetaError
+    from registry.meta.migrate import SchemaTooNew
+    # SIGHUP re-reads the same file with the same environment and command-line overrides
+    # (the environment as it was at start-up: nothing reads os.environ later).
+    environ = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+
+    def reload_config() -> Config:
+        return load(args.config, environ=environ, overrides=_overrides(args))
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, reload_config=reload_config))
+    except (MetaError, SchemaTooNew) as exc:
+        sys.exit(f"registry: metadata store ({cfg.meta.driver}): {exc}")
     except OSError as exc:
         sys.exit(f"registry: cannot listen on {cfg.http.address}:{cfg.http.port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
@@ -76,7 +87,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    print(json.dumps(to_dict(cfg), indent=2))
+    print(json.dumps(masked(to_dict(cfg)), indent=2))  # secrets (password, dsn, token...) as "***"
 
 
 def main(argv: list[str] | None = None) -> None:

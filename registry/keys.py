@@ -5,8 +5,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from registry.api.observe import Observer
 from registry.config import Config
 from registry.meta.base import MetaStore
+from registry.metrics import Metrics
+from registry.reload import Tunables
 from registry.services.blobs import Blobs
 from registry.services.layout import Layout
 from registry.services.manifests import Manifests
@@ -26,3 +29,8 @@ class Services:
 
 CONFIG = web.AppKey("config", Config)
 SERVICES = web.AppKey("services", Services)
+# Issue 8: the per-app metrics registry (absent when extensions.metrics.enable is off), the request
+# middleware's state (requests in flight), and the settings SIGHUP may change (gc, scrub).
+METRICS = web.AppKey("metrics", Metrics)
+OBSERVER = web.AppKey("observer", Observer)
+TUNABLES = web.AppKey("tunables", Tunables)

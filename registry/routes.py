@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.api import base, blobs, catalog, manifests, referrers, tags, uploads
+from registry.api import base, blobs, catalog, manifests, ops, referrers, tags, uploads
+from registry.keys import CONFIG
 
 N = "/v2/{name:.+}"
 
@@ -28,3 +29,9 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(N + "/manifests/{reference}", manifests.delete_manifest)        # end-9
     r.add_get(N + "/tags/list", tags.list_tags)                                  # end-8a, end-8b
     r.add_get(N + "/referrers/{digest}", referrers.list_referrers)              # end-12a, end-12b
+    # Operations (not in the spec): liveness, readiness, Prometheus metrics.
+    r.add_get("/healthz", ops.healthz)
+    r.add_get("/readyz", ops.readyz)
+    metrics = app[CONFIG].extensions.metrics
+    if metrics.enable:
+        r.add_get(metrics.effective_path, ops.metrics)

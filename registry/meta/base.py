@@ -4,7 +4,7 @@ references in one transaction, so it meets GC here rather than on disk."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import AsyncContextManager, Protocol
 
 
 class MetaError(Exception):
@@ -64,6 +64,9 @@ class MetaStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
+    def exclusive(self, name: str) -> AsyncContextManager[None]:
+        """Held by one process (or replica) at a time: index.json rewrites, GC passes."""
+
     # blobs
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """Size of a blob (or manifest) the repository holds, None otherwise."""
@@ -99,3 +102,18 @@ class MetaStore(Protocol):
     async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
         """Compare-and-set the received length; False when another writer moved it."""
     async def upload_delete(self, upload_id: str) -> bool: ...
+
+    # operations (issue 8)
+    async def counts(self) -> "Counts":
+        """Store-wide totals for the metrics gauges; may scan, so never on a request path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    repositories: int
+    manifests: int  # one per (repository, digest)
+    tags: int
+    blobs: int  # distinct blob digests
+    uploads: int  # open upload sessions
+    logical_bytes: int  # blobs and manifests, once per repository holding them
+    unique_bytes: int  # blobs and manifests, once per digest

@@ -2,8 +2,11 @@
 Every operation completes without awaiting, so each is atomic on the loop."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
+
+from typing import AsyncIterator
 
 from registry.meta.base import BadReferences, LayoutEntry, Manifest, Upload
 
@@ -32,6 +35,10 @@ class MemoryMeta:
 
     async def schema_version(self) -> int:
         return 0
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        yield  # one process: callers' own asyncio locks suffice
 
     def _repo(self, name: str) -> _Repo:
         return self._repos.setdefault(name, _Repo())

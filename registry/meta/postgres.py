@@ -9,9 +9,10 @@ broken connections by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import asyncpg
 
@@ -55,12 +56,17 @@ class PostgresMeta:
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
+        # Advisory locks are held on connections of their own: a lock holder
+        # that waited for a query connection from the same pool could deadlock.
+        self.lock_pool: asyncpg.Pool | None = None
 
     # -- pool and migrations
     async def open(self) -> None:
         try:
             self.pool = await asyncpg.create_pool(min_size=1, max_size=self.cfg.pool_size,
                                                   **connect_kwargs(self.cfg))
+            self.lock_pool = await asyncpg.create_pool(min_size=0, max_size=max(2, self.cfg.pool_size // 2),
+                                                       **connect_kwargs(self.cfg))
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise MetaError(f"cannot connect to PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
         try:
@@ -70,9 +76,10 @@ class PostgresMeta:
             raise
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
+        for pool in (self.pool, self.lock_pool):
+            if pool is not None:
+                await pool.close()
+        self.pool = self.lock_pool = None
 
     async def migrate(self) -> int:
         """Apply pending migrations under an advisory lock (replicas may start together)."""
@@ -99,6 +106,26 @@ class PostgresMeta:
                 raise MetaError(f"migrating PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """A session advisory lock, held on one pooled connection while the caller works."""
+        if self.lock_pool is None:
+            raise MetaError("metadata store not open")
+        try:
+            conn = await self.lock_pool.acquire()
+        except _TRANSIENT as exc:
+            raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
+        try:
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", name)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", name)
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise MetaError(f"PostgreSQL lock {name!r}: {_describe(exc)}") from None
+        finally:
+            await self.lock_pool.release(conn)
 
     async def schema_version(self) -> int:
         return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")

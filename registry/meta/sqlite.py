@@ -10,16 +10,20 @@ a busy timeout) serializes their writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
+import zlib
 import queue
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from registry.meta import migrate
-from registry.meta.base import BadReferences, LayoutEntry, Manifest, MetaError, Ref, Upload
+from registry.meta.base import BadReferences, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
 
 T = TypeVar("T")
 MAX_BATCH = 512
@@ -50,6 +54,7 @@ class SQLiteMeta:
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd: int | None = None
 
     # -- connections and the writer thread
     def _connect(self) -> sqlite3.Connection:
@@ -69,6 +74,20 @@ class SQLiteMeta:
         await self._write(self._migrate)
         self._reader = self._connect()
         self._reader.execute("PRAGMA query_only = ON")
+        self._lock_fd = os.open(self.path.with_name(self.path.name + ".locks"), os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """A byte-range lock on one shared file: worker processes on this host
+        exclude each other (within a process, callers hold their own asyncio lock)."""
+        assert self._lock_fd is not None, "store not open"
+        offset = zlib.crc32(name.encode())
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, fcntl.lockf, self._lock_fd, fcntl.LOCK_EX, 1, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, offset)
 
     async def close(self) -> None:
         if self._thread:
@@ -78,6 +97,9 @@ class SQLiteMeta:
         if self._reader:
             self._reader.close()
             self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _writer(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
@@ -310,6 +332,37 @@ class SQLiteMeta:
     async def upload_delete(self, upload_id: str) -> bool:
         return await self._write(lambda conn: conn.execute(
             "DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount > 0)
+
+    # -- operations (issue 8)
+    async def counts(self) -> Counts:
+        """Store-wide totals for /metrics. These scan whole tables, so they run in a worker
+        thread on a connection of their own, never on the event loop's reader."""
+        if self._reader is None:
+            raise MetaError("metadata store: not open")
+
+        def run() -> Counts:
+            conn = self._connect()
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                repos, manifests, tags, uploads, blob_bytes, manifest_bytes = conn.execute(
+                    "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM manifests), "
+                    "(SELECT count(*) FROM tags), (SELECT count(*) FROM uploads), "
+                    "(SELECT coalesce(sum(size), 0) FROM repo_blobs), "
+                    "(SELECT coalesce(sum(size), 0) FROM manifests)").fetchone()
+                blobs, unique_blob_bytes = conn.execute(
+                    "SELECT count(*), coalesce(sum(size), 0) FROM "
+                    "(SELECT max(size) AS size FROM repo_blobs GROUP BY digest)").fetchone()
+                unique_manifest_bytes = conn.execute(
+                    "SELECT coalesce(sum(size), 0) FROM "
+                    "(SELECT max(size) AS size FROM manifests GROUP BY digest)").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise MetaError(f"metadata store: {exc}") from None
+            finally:
+                conn.close()
+            return Counts(repositories=repos, manifests=manifests, tags=tags, blobs=blobs, uploads=uploads,
+                          logical_bytes=blob_bytes + manifest_bytes,
+                          unique_bytes=unique_blob_bytes + unique_manifest_bytes)
+        return await asyncio.get_running_loop().run_in_executor(None, run)
 
 
 def _bump_layout(conn: sqlite3.Connection, rid: int) -> None:

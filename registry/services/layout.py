@@ -35,7 +35,6 @@ class Layout:
         self.storage = storage
         self._known: set[str] = set()
         self._state: dict[str, _State] = {}
-        self._pending: set[asyncio.Future[None]] = set()
 
     async def repair(self) -> int:
         """Rewrite index.json of repositories changed but not synced before a crash."""
@@ -43,10 +42,6 @@ class Layout:
         for repo in stale:
             await self.sync(repo)
         return len(stale)
-
-    async def drain(self) -> None:
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def ensure_repo(self, repo: str) -> None:
         """Write ``<repo>/oci-layout`` the first time a repository gets content."""
@@ -80,11 +75,11 @@ class Layout:
                 return
             target = st.requested
             await self.ensure_repo(repo)
-            generation = await self.meta.layout_generation(repo)
-            await self.storage.write(f"{repo}/index.json", await self.render(repo))
+            # Across processes too: whoever writes last has read the newest state.
+            async with self.meta.exclusive(f"layout:{repo}"):
+                generation = await self.meta.layout_generation(repo)
+                await self.storage.write(f"{repo}/index.json", await self.render(repo))
+                await self.meta.layout_synced(repo, generation)
             st.done = target
-            # Not awaited: it rides along with the next metadata write.
-            self._pending.add(t := asyncio.ensure_future(self.meta.layout_synced(repo, generation)))
-            t.add_done_callback(self._pending.discard)
         if not st.lock.locked() and st.done == st.requested:
             self._state.pop(repo, None)
