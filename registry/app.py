@@ -11,7 +11,9 @@ from registry.api.middleware import API_VERSION, errors
 from registry.api.observe import Observer
 from registry.config import Config
 from registry.keys import CONFIG, METRICS, OBSERVER, SERVICES, TUNABLES, Services
+from registry.maintenance.gc import GCStats, collect
 from registry.maintenance.reindex import reindex_new_layouts
+from registry.maintenance.scheduler import Periodic
 from registry.meta.factory import open_meta
 from registry.metrics import Metrics
 from registry.reload import Tunables
@@ -29,9 +31,9 @@ async def _add_version_header(request: web.Request, response: web.StreamResponse
     response.headers.update(API_VERSION)
 
 
-def build_services(cfg: Config, meta, storage) -> Services:  # type: ignore[no-untyped-def]
+def build_services(cfg: Config, meta, storage, tunables: Tunables | None = None) -> Services:  # type: ignore[no-untyped-def]
     layout = Layout(meta, storage)
-    blobs = Blobs(cfg, meta, storage, layout)
+    blobs = Blobs(cfg, meta, storage, layout, tunables)
     return Services(meta=meta, storage=storage, layout=layout, blobs=blobs,
                     uploads=Uploads(meta, storage, blobs), manifests=Manifests(cfg, meta, blobs, layout))
 
@@ -40,13 +42,26 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     storage = make_storage(cfg)
     async with open_meta(cfg) as meta:
-        svc = build_services(cfg, meta, storage)
+        tunables = app[TUNABLES]
+        svc = build_services(cfg, meta, storage, tunables)
         app[SERVICES] = svc
         repaired = await svc.layout.repair()
         if repaired:
             log.warning("rewrote index.json of %d repositories left stale by an interrupted run", repaired)
         await reindex_new_layouts(svc)
-        yield
+        stats = GCStats()
+        if METRICS in app:
+            app[METRICS].registry.register(stats)
+        gc = Periodic("gc", lambda: collect(svc, delete_untagged=cfg.storage.gc_delete_untagged,
+                                            upload_ttl=cfg.uploads.ttl),
+                      lambda: tunables.gc_interval if tunables.gc else 0, stats.record)
+        unsubscribe = tunables.subscribe(lambda _: gc.wake())
+        gc.start()
+        try:
+            yield
+        finally:
+            unsubscribe()
+            await gc.stop()
 
 
 def create_app(cfg: Config) -> web.Application:

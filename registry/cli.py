@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from registry import __version__
@@ -66,14 +67,71 @@ async def _with_services(cfg: Config, fn):  # type: ignore[no-untyped-def]
         return await fn(build_services(cfg, meta, make_storage(cfg)))
 
 
+def _run_with_services(cfg: Config, fn):  # type: ignore[no-untyped-def]
+    """_with_services to completion; an unreachable or too new metadata store is a one-line error."""
+    from registry.meta.base import MetaError
+    from registry.meta.migrate import SchemaTooNew
+    try:
+        return asyncio.run(_with_services(cfg, fn))
+    except (MetaError, SchemaTooNew) as exc:
+        sys.exit(f"registry: metadata store ({cfg.meta.driver}): {exc}")
+
+
 def cmd_reindex(args: argparse.Namespace) -> None:
     cfg = _config(args)
     _logging(cfg)
     from registry.maintenance.reindex import reindex
-    result = asyncio.run(_with_services(cfg, lambda svc: reindex(svc, only_new=False)))
+    result = _run_with_services(cfg, lambda svc: reindex(svc, only_new=False))
     print(json.dumps({"repositories": result.repositories, "manifests": result.manifests, "tags": result.tags,
                       "blobs": result.blobs, "problems": result.problems}, indent=2))
     sys.exit(1 if result.problems else 0)
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _logging(cfg)
+    from registry.maintenance.gc import collect, full_walk
+    from registry.progress import Progress
+
+    async def run(svc):  # type: ignore[no-untyped-def]
+        bar = Progress("gc: reviewing")
+        try:
+            result = await collect(svc, delete_untagged=cfg.storage.gc_delete_untagged, upload_ttl=cfg.uploads.ttl,
+                                   dry_run=args.dry_run, repo=args.repo, progress=bar)
+        finally:
+            bar.close()
+        full = None
+        if args.full:
+            bar = Progress("gc: walking storage")
+            try:
+                full = await full_walk(svc, older_than=time.time() - cfg.storage.gc_delay, dry_run=args.dry_run,
+                                       progress=bar)
+            finally:
+                bar.close()
+        return result, full
+    result, full = asyncio.run(_with_services(cfg, run))
+    if args.json:
+        out = result.as_dict()
+        if full is not None:
+            out["full"] = full
+        print(json.dumps(out, indent=2))
+        return
+    verb = "would delete" if result.dry_run else "deleted"
+    rows = [(d["kind"], d["repository"], d["digest"], d["size"]) for d in result.deleted]
+    if rows:
+        print(_table(("KIND", "REPOSITORY", "DIGEST", "BYTES"), rows))
+    print(f"{verb}: {result.blobs_deleted} blobs, {result.manifests_deleted} manifests, "
+          f"{result.uploads_deleted} uploads; {result.bytes_reclaimed} bytes reclaimed "
+          f"(reviewed {result.reviewed} in {result.duration:.2f}s, {result.pending} still queued)")
+    if full is not None:
+        print(f"full walk: {len(full['orphan_files_deleted'])} orphan files {verb}, "
+              f"{len(full['rows_without_file'])} rows without a file (run registry reindex)")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -82,7 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
     async def version(svc):  # type: ignore[no-untyped-def]
         return await svc.meta.schema_version()
-    print(f"metadata schema at version {asyncio.run(_with_services(cfg, version))}")
+    print(f"metadata schema at version {_run_with_services(cfg, version)}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -106,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(fn=cmd_serve)
     with_config(sub.add_parser("reindex", help="rebuild metadata from the OCI layouts on storage")).set_defaults(
         fn=cmd_reindex)
+    g = with_config(sub.add_parser("gc", help="run one garbage-collection pass now"))
+    g.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
+    g.add_argument("--repo", help="only this repository")
+    g.add_argument("--full", action="store_true", help="also walk storage for files no row accounts for (repair)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(fn=cmd_gc)
     with_config(sub.add_parser("migrate", help="apply metadata schema migrations")).set_defaults(fn=cmd_migrate)
     c = sub.add_parser("check-config", help="validate a config file and print the effective config")
     c.add_argument("config", nargs="?", help="config file")

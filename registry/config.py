@@ -98,6 +98,8 @@ class StorageConfig:
     gc: bool = key("gc", default=True)
     gc_delay: Duration = key("gcDelay", default=Duration(3600))
     gc_interval: Duration = key("gcInterval", default=Duration(86400))
+    # Our own: untagged manifests nothing refers to are collected after gcDelay; false keeps them.
+    gc_delete_untagged: bool = key("gcDeleteUntagged", default=True)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class PostgresConfig:
     schema: str = key("schema", default="public")
     pool_size: int = key("poolSize", default=10)
     connect_timeout: Duration = key("connectTimeout", default=Duration(10))
+    # Shown in pg_stat_activity: lets an operator (or a test) tell these connections apart.
+    application_name: str = key("applicationName", default="registry")
 
     def where(self) -> str:
         """host:port/database for messages: never the password."""

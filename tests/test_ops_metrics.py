@@ -276,3 +276,24 @@ async def test_request_id_generated_returned_and_honoured(app_client):
     assert r.headers["X-Request-Id"] != "x" * 500
     r = await c.get("/v2/", headers={"X-Request-Id": "two words"})
     assert r.headers["X-Request-Id"] != "two words"
+
+
+async def test_documented_and_dashboard_metrics_exist(aiohttp_client, tmp_path):
+    """Every metric the README documents and the Grafana dashboard queries is served."""
+    root = Path(__file__).resolve().parent.parent
+    c = await aiohttp_client(create_app(cfg_for(tmp_path, repository_labels=True)))
+    data = b"doc"
+    assert (await c.post(f"/v2/doc/a/blobs/uploads/?digest={sha256(data)}", data=data)).status == 201
+    await scrape(c)
+    names = set(await scrape(c))
+    readme = (root / "README.md").read_text().split("## Metrics", 1)[1]
+    documented = set(re.findall(r"^\| `((?:registry|process)_[a-z_]+)`", readme, re.M))
+    assert len(documented) >= 15
+    dashboard = json.loads((root / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried = {n for e in exprs for n in re.findall(r"\b((?:registry|process)_[a-z_]+)", e)}
+    assert queried
+    for name in documented | queried:
+        assert name in names or f"{name}_count" in names, name
+    prometheus_example = (root / "deploy" / "prometheus.yml").read_text()
+    assert "metrics_path: /metrics" in prometheus_example

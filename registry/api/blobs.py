@@ -35,7 +35,7 @@ def _read_small(path: str, size: int) -> bytes | None:
 async def get_blob(request: web.Request) -> web.StreamResponse:
     repo, digest = repo_name(request), path_digest(request)
     svc = services(request)
-    size = await svc.blobs.size(repo, digest)
+    size = await svc.blobs.check(repo, digest)
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET,
                "Cache-Control": "max-age=31536000", "Accept-Ranges": "bytes"}
     if request.method == "HEAD":

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import AsyncContextManager, Protocol
 
 
+# review_after of a row GC has reviewed and found in use: it is no candidate
+# until an event (a manifest or tag removed) puts it back in the queue.
+NEVER = 9.0e18
+
+
 class MetaError(Exception):
     """The store failed (connection lost, disk full...)."""
 
@@ -39,6 +44,7 @@ class Manifest:
     artifact_type: str | None = None
     annotations: dict[str, str] | None = None
     refs: list[Ref] = field(default_factory=list)
+    review_after: float = NEVER
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,16 @@ class LayoutEntry:
     size: int
     tag: str | None
     artifact_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A row GC may delete once its review_after has passed."""
+    repo: str
+    kind: str  # "blob" | "manifest"
+    digest: str
+    size: int
+    review_after: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,11 @@ class MetaStore(Protocol):
         """Size of a blob (or manifest) the repository holds, None otherwise."""
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         """Any repository holding the blob, with its size (mount without from)."""
+    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+        """(size, review_after) of a blob or manifest the repository holds."""
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+        """Postpone GC of a queued blob or manifest (an existence check); rows
+        GC found in use (review_after == NEVER) are left alone."""
     async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None: ...
     async def blob_unlink(self, repo: str, digest: str) -> bool: ...
 
@@ -80,9 +101,11 @@ class MetaStore(Protocol):
         """Insert the manifest (idempotent), its references and the tags in one
         transaction; BadReferences when a referenced blob or manifest is absent."""
     async def manifest_get(self, repo: str, reference: str) -> Manifest | None: ...
-    async def manifest_delete(self, repo: str, digest: str) -> bool:
-        """Delete a manifest and every tag pointing at it."""
-    async def tag_delete(self, repo: str, tag: str) -> bool: ...
+    async def manifest_delete(self, repo: str, digest: str, requeue_at: float | None = None) -> bool:
+        """Delete a manifest and every tag pointing at it; what it referred to, and
+        its referrers, are queued for GC at ``requeue_at`` (default: now)."""
+    async def tag_delete(self, repo: str, tag: str, requeue_at: float | None = None) -> bool:
+        """Delete a tag; its manifest is queued for GC at ``requeue_at``."""
     async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""
     async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]: ...
@@ -102,6 +125,20 @@ class MetaStore(Protocol):
     async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
         """Compare-and-set the received length; False when another writer moved it."""
     async def upload_delete(self, upload_id: str) -> bool: ...
+    async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
+        """Sessions not written to since ``before``."""
+
+    # garbage collection
+    async def gc_candidates(self, now: float, limit: int, repo: str | None = None,
+                            after: tuple[float, str, str, str] | None = None) -> list[Candidate]:
+        """Rows whose review_after has passed, oldest first; ``after`` is the
+        (review_after, repo, kind, digest) of the last one seen, for paging."""
+    async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
+                         dry_run: bool = False) -> list[Candidate]:
+        """Re-check each candidate under lock and delete those still unused;
+        returns the deleted. In-use rows leave the queue (NEVER); a deleted
+        manifest's references and referrers join it at ``now``."""
+    async def gc_pending(self, now: float) -> int: ...
 
     # operations (issue 8)
     async def counts(self) -> "Counts":

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from typing import AsyncIterator
 
-from registry.meta.base import BadReferences, LayoutEntry, Manifest, Upload
+from registry.meta.base import NEVER, BadReferences, Candidate, LayoutEntry, Manifest, Upload
 
 
 @dataclass
@@ -53,6 +53,26 @@ class MemoryMeta:
         m = r.manifests.get(digest)
         return m.size if m else None
 
+    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+        r = self._repos.get(repo)
+        if r is None:
+            return None
+        if digest in r.blobs:
+            return r.blobs[digest], r.review[digest]
+        m = r.manifests.get(digest)
+        return (m.size, NEVER) if m else None
+
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+        r = self._repos.get(repo)
+        if r is None:
+            return
+        if kind == "blob" and digest in r.review and r.review[digest] < min(review_after, NEVER):
+            r.review[digest] = review_after
+        elif kind == "manifest" and digest in r.manifests:
+            m = r.manifests[digest]
+            if m.review_after < min(review_after, NEVER):
+                m.review_after = review_after
+
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         for name, r in self._repos.items():
             if digest in r.blobs:
@@ -86,11 +106,39 @@ class MemoryMeta:
         if missing or wrong:
             raise BadReferences(missing, wrong)
         if m.digest not in r.manifests:
-            r.manifests[m.digest] = replace(m, refs=list(m.refs))
+            r.manifests[m.digest] = replace(m, refs=list(m.refs), review_after=review_after)
             r.created[m.digest] = time.time()
+        else:
+            held = r.manifests[m.digest]
+            held.review_after = max(held.review_after, review_after)
         r.layout_gen += 1
         for tag in tags:
+            old = r.tags.get(tag)
+            if old is not None and old != m.digest:
+                self._requeue(r, "manifest", [old], review_after)
             r.tags[tag] = m.digest
+
+    @staticmethod
+    def _requeue(r: _Repo, kind: str, digests: list[str], at: float) -> None:
+        for d in digests:
+            if kind == "blob" and d in r.review:
+                r.review[d] = at if r.review[d] >= NEVER else max(r.review[d], at)
+            elif kind == "manifest" and d in r.manifests:
+                m = r.manifests[d]
+                m.review_after = at if m.review_after >= NEVER else max(m.review_after, at)
+
+    def _delete_manifest(self, r: _Repo, digest: str, at: float) -> bool:
+        m = r.manifests.pop(digest, None)
+        if m is None:
+            return False
+        r.created.pop(digest, None)
+        for tag in [t for t, d in r.tags.items() if d == digest]:
+            del r.tags[tag]
+        self._requeue(r, "blob", [x.digest for x in m.refs if x.kind == "blob"], at)
+        referrers = [x.digest for x in r.manifests.values() if x.subject == digest]
+        self._requeue(r, "manifest", [x.digest for x in m.refs if x.kind == "manifest"] + referrers, at)
+        r.layout_gen += 1
+        return True
 
     async def manifest_get(self, repo: str, reference: str) -> Manifest | None:
         r = self._repos.get(repo)
@@ -99,22 +147,15 @@ class MemoryMeta:
         digest = reference if ":" in reference else r.tags.get(reference)
         return r.manifests.get(digest) if digest else None
 
-    async def manifest_delete(self, repo: str, digest: str) -> bool:
+    async def manifest_delete(self, repo: str, digest: str, requeue_at: float | None = None) -> bool:
         r = self._repos.get(repo)
-        if r is None or digest not in r.manifests:
-            return False
-        del r.manifests[digest]
-        r.created.pop(digest, None)
-        for tag in [t for t, d in r.tags.items() if d == digest]:
-            del r.tags[tag]
-        r.layout_gen += 1
-        return True
+        return r is not None and self._delete_manifest(r, digest, time.time() if requeue_at is None else requeue_at)
 
-    async def tag_delete(self, repo: str, tag: str) -> bool:
+    async def tag_delete(self, repo: str, tag: str, requeue_at: float | None = None) -> bool:
         r = self._repos.get(repo)
         if r is None or tag not in r.tags:
             return False
-        del r.tags[tag]
+        self._requeue(r, "manifest", [r.tags.pop(tag)], time.time() if requeue_at is None else requeue_at)
         r.layout_gen += 1
         return True
 
@@ -181,3 +222,59 @@ class MemoryMeta:
 
     async def upload_delete(self, upload_id: str) -> bool:
         return self._uploads.pop(upload_id, None) is not None
+
+    async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
+        return sorted((u for u in self._uploads.values() if u.updated_at < before), key=lambda u: u.updated_at)[:limit]
+
+    # -- garbage collection
+    def _queue(self, now: float) -> list[Candidate]:
+        out = []
+        for name, r in self._repos.items():
+            out += [Candidate(name, "blob", d, r.blobs[d], t) for d, t in r.review.items() if t <= now]
+            out += [Candidate(name, "manifest", d, m.size, m.review_after) for d, m in r.manifests.items()
+                    if m.review_after <= now]
+        return sorted(out, key=lambda c: (c.review_after, c.repo, c.kind, c.digest))
+
+    async def gc_candidates(self, now: float, limit: int, repo: str | None = None,
+                            after: tuple[float, str, str, str] | None = None) -> list[Candidate]:
+        after = after or (float("-inf"), "", "", "")
+        return [c for c in self._queue(now) if (repo is None or c.repo == repo)
+                and (c.review_after, c.repo, c.kind, c.digest) > after][:limit]
+
+    async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
+                         dry_run: bool = False) -> list[Candidate]:
+        deleted = []
+        for c in batch:
+            r = self._repos.get(c.repo)
+            if r is None:
+                continue
+            if c.kind == "blob":
+                if c.digest not in r.blobs or r.review[c.digest] > now:
+                    continue
+                in_use = any(x.digest == c.digest and x.kind == "blob" for m in r.manifests.values() for x in m.refs)
+            else:
+                m = r.manifests.get(c.digest)
+                if m is None or m.review_after > now:
+                    continue
+                in_use = (c.digest in r.tags.values()
+                          or any(x.digest == c.digest and x.kind == "manifest"
+                                 for p in r.manifests.values() for x in p.refs)
+                          or (m.subject is not None and m.subject in r.manifests)
+                          or (m.subject is None and not delete_untagged))
+            if in_use:
+                if not dry_run:
+                    if c.kind == "blob":
+                        r.review[c.digest] = NEVER
+                    else:
+                        r.manifests[c.digest].review_after = NEVER
+                continue
+            if not dry_run:
+                if c.kind == "blob":
+                    del r.blobs[c.digest], r.review[c.digest]
+                else:
+                    self._delete_manifest(r, c.digest, now)
+            deleted.append(c)
+        return deleted
+
+    async def gc_pending(self, now: float) -> int:
+        return len(self._queue(now))

@@ -18,22 +18,28 @@ import asyncpg
 
 from registry.config import PostgresConfig
 from registry.meta import migrate
-from registry.meta.base import BadReferences, LayoutEntry, Manifest, MetaError, Upload
+from registry.meta.base import NEVER, BadReferences, LayoutEntry, Manifest, MetaError, Upload
+from registry.meta.postgres_gc import PostgresGC
 
 MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
-_MANIFEST_COLS = "m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations"
+_MANIFEST_COLS = ("m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations, "
+                  "m.review_after")
 _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-              asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+              asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+              # asyncpg's own protocol state after the server killed a connection mid-operation
+              # ("cannot switch to state ...; another operation is in progress"): the pool replaces it.
+              asyncpg.InternalClientError)
 
 
 def _manifest(row: Any) -> Manifest:
     return Manifest(digest=row[0], media_type=row[1], size=row[2], payload=bytes(row[3]), subject=row[4],
-                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None)
+                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None,
+                    review_after=row[7])
 
 
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {"timeout": cfg.connect_timeout,
-                          "server_settings": {"search_path": cfg.schema, "application_name": "registry"}}
+                          "server_settings": {"search_path": cfg.schema, "application_name": cfg.application_name}}
     if cfg.dsn:
         kw["dsn"] = cfg.dsn
     else:
@@ -52,7 +58,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if isinstance(exc, asyncpg.InterfaceError) else "")
 
 
-class PostgresMeta:
+class PostgresMeta(PostgresGC):
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
@@ -134,12 +140,16 @@ class PostgresMeta:
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
         if self.pool is None:
             raise MetaError("metadata store not open")
-        try:
-            return await getattr(self.pool, method)(sql, *args)
-        except _TRANSIENT as exc:
-            raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
-        except asyncpg.PostgresError as exc:
-            raise MetaError(f"PostgreSQL: {_describe(exc)}") from None
+        for attempt in range(4):
+            try:
+                return await getattr(self.pool, method)(sql, *args)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == 3:  # two pushes locking the same rows in opposite orders: run it again
+                    raise MetaError("PostgreSQL: repeated lock conflicts") from None
+            except _TRANSIENT as exc:
+                raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
+            except asyncpg.PostgresError as exc:
+                raise MetaError(f"PostgreSQL: {_describe(exc)}") from None
 
     async def _rows(self, sql: str, *args: Any) -> list[Any]:
         return await self._call("fetch", sql, *args)
@@ -156,6 +166,19 @@ class PostgresMeta:
             "SELECT b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id WHERE r.name = $1 "
             "AND b.digest = $2 UNION ALL SELECT m.size FROM manifests m JOIN repositories r ON r.id = m.repo_id "
             "WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest)
+
+    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+        row = await self._row(
+            "SELECT b.size, b.review_after FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
+            "WHERE r.name = $1 AND b.digest = $2 UNION ALL SELECT m.size, $3 FROM manifests m "
+            "JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest, NEVER)
+        return (row[0], row[1]) if row else None
+
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+        table = "repo_blobs" if kind == "blob" else "manifests"
+        await self._call("execute", f"UPDATE {table} SET review_after = $3 WHERE digest = $2 AND review_after < $3 "
+                         "AND review_after < $4 AND repo_id = (SELECT id FROM repositories WHERE name = $1)",
+                         repo, digest, review_after, NEVER)
 
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         row = await self._row("SELECT r.name, b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
@@ -195,20 +218,13 @@ class PostgresMeta:
                                   "WHERE r.name = $1 AND t.name = $2", repo, reference)
         return _manifest(row) if row else None
 
-    async def manifest_delete(self, repo: str, digest: str) -> bool:
-        # Tags and references go with the manifest (ON DELETE CASCADE).
-        return await self._val(
-            "WITH r AS (SELECT id FROM repositories WHERE name = $1), "
-            "d AS (DELETE FROM manifests WHERE repo_id = (SELECT id FROM r) AND digest = $2 RETURNING repo_id), "
-            "g AS (UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id IN (SELECT repo_id FROM d)) "
-            "SELECT count(*) > 0 FROM d", repo, digest)
+    async def manifest_delete(self, repo: str, digest: str, requeue_at: float | None = None) -> bool:
+        return await self._val("SELECT registry_manifest_delete($1, $2, $3)", repo, digest,
+                               time.time() if requeue_at is None else requeue_at)
 
-    async def tag_delete(self, repo: str, tag: str) -> bool:
-        return await self._val(
-            "WITH r AS (SELECT id FROM repositories WHERE name = $1), "
-            "d AS (DELETE FROM tags WHERE repo_id = (SELECT id FROM r) AND name = $2 RETURNING repo_id), "
-            "g AS (UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id IN (SELECT repo_id FROM d)) "
-            "SELECT count(*) > 0 FROM d", repo, tag)
+    async def tag_delete(self, repo: str, tag: str, requeue_at: float | None = None) -> bool:
+        return await self._val("SELECT registry_tag_delete($1, $2, $3)", repo, tag,
+                               time.time() if requeue_at is None else requeue_at)
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         rows = await self._rows(

@@ -23,17 +23,20 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from registry.meta import migrate
-from registry.meta.base import BadReferences, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
+from registry.meta.base import NEVER, BadReferences, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
+from registry.meta.sqlite_gc import SQLiteGC, bump_layout, delete_manifest, requeue
 
 T = TypeVar("T")
 MAX_BATCH = 512
 
-_MANIFEST_COLS = "m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations"
+_MANIFEST_COLS = ("m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations, "
+                  "m.review_after")
 
 
 def _manifest(row: tuple[Any, ...]) -> Manifest:
     return Manifest(digest=row[0], media_type=row[1], size=row[2], payload=bytes(row[3]), subject=row[4],
-                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None)
+                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None,
+                    review_after=row[7])
 
 
 def _repo_id(conn: sqlite3.Connection, repo: str, create: bool) -> int | None:
@@ -46,7 +49,7 @@ def _repo_id(conn: sqlite3.Connection, repo: str, create: bool) -> int | None:
                         (repo, time.time())).lastrowid
 
 
-class SQLiteMeta:
+class SQLiteMeta(SQLiteGC):
     def __init__(self, path: str | Path, *, durable: bool = True):
         self.path = Path(path)
         self.durable = durable
@@ -184,6 +187,21 @@ class SQLiteMeta:
             "WHERE r.name = ? AND m.digest = ? LIMIT 1", (repo, digest, repo, digest))
         return rows[0][0] if rows else None
 
+    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+        rows = self._read(
+            "SELECT b.size, b.review_after FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
+            "WHERE r.name = ? AND b.digest = ? "
+            "UNION ALL SELECT m.size, ? FROM manifests m JOIN repositories r ON r.id = m.repo_id "
+            "WHERE r.name = ? AND m.digest = ? LIMIT 1", (repo, digest, NEVER, repo, digest))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+        table = "repo_blobs" if kind == "blob" else "manifests"
+        await self._write(lambda conn: conn.execute(
+            f"UPDATE {table} SET review_after = ? WHERE digest = ? AND review_after < ? AND review_after < ? "
+            "AND repo_id = (SELECT id FROM repositories WHERE name = ?)",
+            (review_after, digest, review_after, NEVER, repo)) and None)
+
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         rows = self._read("SELECT r.name, b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
                           "WHERE b.digest = ? LIMIT 1", (digest,))
@@ -220,15 +238,21 @@ class SQLiteMeta:
             if missing or wrong:
                 raise BadReferences(missing, wrong)
             now = time.time()
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO manifests (repo_id, digest, media_type, size, payload, subject, "
-                "artifact_type, annotations, created_at, review_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute(
+                "INSERT INTO manifests (repo_id, digest, media_type, size, payload, subject, artifact_type, "
+                "annotations, created_at, review_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (repo_id, digest) DO UPDATE SET review_after = max(review_after, excluded.review_after)",
                 (rid, m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type,
-                 json.dumps(m.annotations) if m.annotations else None, now, review_after)).rowcount
-            if inserted:
-                conn.executemany("INSERT OR IGNORE INTO manifest_refs (repo_id, parent, child, kind) "
-                                 "VALUES (?, ?, ?, ?)", [(rid, m.digest, r.digest, r.kind) for r in m.refs])
-            _bump_layout(conn, rid)
+                 json.dumps(m.annotations) if m.annotations else None, now, review_after))
+            conn.executemany("INSERT OR IGNORE INTO manifest_refs (repo_id, parent, child, kind) "
+                             "VALUES (?, ?, ?, ?)", [(rid, m.digest, r.digest, r.kind) for r in m.refs])
+            if tags:  # a manifest a tag moves away from may now be unused
+                marks = ",".join("?" * len(tags))
+                moved = [r[0] for r in conn.execute(
+                    f"SELECT digest FROM tags WHERE repo_id = ? AND name IN ({marks}) AND digest <> ?",
+                    (rid, *tags, m.digest))]
+                requeue(conn, rid, "manifest", moved, review_after)
+            bump_layout(conn, rid)
             conn.executemany("INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, "
                              "updated_at = excluded.updated_at", [(rid, tag, m.digest, now) for tag in tags])
@@ -244,24 +268,28 @@ class SQLiteMeta:
                               "WHERE r.name = ? AND t.name = ?", (repo, reference))
         return _manifest(rows[0]) if rows else None
 
-    async def manifest_delete(self, repo: str, digest: str) -> bool:
+    async def manifest_delete(self, repo: str, digest: str, requeue_at: float | None = None) -> bool:
+        at = time.time() if requeue_at is None else requeue_at
+
         def op(conn: sqlite3.Connection) -> bool:
             rid = _repo_id(conn, repo, False)
-            if rid is None:
-                return False
-            conn.execute("DELETE FROM tags WHERE repo_id = ? AND digest = ?", (rid, digest))
-            _bump_layout(conn, rid)
-            return conn.execute("DELETE FROM manifests WHERE repo_id = ? AND digest = ?",
-                                (rid, digest)).rowcount > 0
+            return rid is not None and delete_manifest(conn, rid, digest, at)
         return await self._write(op)
 
-    async def tag_delete(self, repo: str, tag: str) -> bool:
+    async def tag_delete(self, repo: str, tag: str, requeue_at: float | None = None) -> bool:
+        at = time.time() if requeue_at is None else requeue_at
+
         def op(conn: sqlite3.Connection) -> bool:
             rid = _repo_id(conn, repo, False)
             if rid is None:
                 return False
-            _bump_layout(conn, rid)
-            return conn.execute("DELETE FROM tags WHERE name = ? AND repo_id = ?", (tag, rid)).rowcount > 0
+            row = conn.execute("DELETE FROM tags WHERE name = ? AND repo_id = ? RETURNING digest",
+                               (tag, rid)).fetchone()
+            if row is None:
+                return False
+            bump_layout(conn, rid)
+            requeue(conn, rid, "manifest", [row[0]], at)
+            return True
         return await self._write(op)
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
@@ -363,10 +391,6 @@ class SQLiteMeta:
                           logical_bytes=blob_bytes + manifest_bytes,
                           unique_bytes=unique_blob_bytes + unique_manifest_bytes)
         return await asyncio.get_running_loop().run_in_executor(None, run)
-
-
-def _bump_layout(conn: sqlite3.Connection, rid: int) -> None:
-    conn.execute("UPDATE repositories SET layout_gen = layout_gen + 1 WHERE id = ?", (rid,))
 
 
 def _settle(results: list[Any]) -> None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from registry.config import Config
 from registry.digest import Digest
 from registry.errors import RegistryError
-from registry.meta.base import MetaStore
+from registry.meta.base import NEVER, MetaStore
 from registry.reference import NAME_RE
 from registry.services.layout import Layout
 from registry.storage.base import NotFound, Storage
+
+if TYPE_CHECKING:
+    from registry.reload import Tunables
 
 
 def blob_key(repo: str, digest: Digest) -> str:
@@ -26,20 +29,43 @@ def blob_key(repo: str, digest: Digest) -> str:
 
 
 class Blobs:
-    def __init__(self, cfg: Config, meta: MetaStore, storage: Storage, layout: Layout):
+    def __init__(self, cfg: Config, meta: MetaStore, storage: Storage, layout: Layout,
+                 tunables: "Tunables | None" = None):
         self.cfg = cfg
+        self.tunables = tunables  # SIGHUP may change gcDelay
         self.meta = meta
         self.storage = storage
         self.layout = layout
 
+    def gc_delay(self) -> float:
+        return self.tunables.gc_delay if self.tunables is not None else self.cfg.storage.gc_delay
+
     def review_after(self) -> float:
-        return time.time() + self.cfg.storage.gc_delay
+        return time.time() + self.gc_delay()
 
     async def size(self, repo: str, digest: Digest) -> int:
         size = await self.meta.blob_size(repo, str(digest))
         if size is None:
             raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
         return size
+
+    async def check(self, repo: str, digest: Digest) -> int:
+        """Size of a blob a client asks about (HEAD, GET). A blob GC has queued
+        (nothing refers to it yet) gets a new gcDelay: a client that saw it may
+        push a manifest referring to it. Blobs in use are left alone, so the
+        usual existence check writes nothing."""
+        stat = await self.meta.blob_stat(repo, str(digest))
+        if stat is None:
+            raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
+        size, review_after = stat
+        await self.postpone(repo, "blob", str(digest), review_after)
+        return size
+
+    async def postpone(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+        delay = self.gc_delay()
+        now = time.time()
+        if review_after < NEVER and review_after < now + delay / 2:  # at most one write per half delay
+            await self.meta.touch(repo, kind, digest, now + delay)
 
     def local_path(self, repo: str, digest: Digest) -> Path | None:
         return self.storage.local_path(blob_key(repo, digest))

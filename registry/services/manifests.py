@@ -173,15 +173,17 @@ class Manifests:
         m = await self.meta.manifest_get(repo, reference)
         if m is None:
             raise RegistryError("MANIFEST_UNKNOWN", {"reference": reference})
+        if ":" in reference:  # by digest: a client may be about to push an index or referrer naming it
+            await self.blobs.postpone(repo, "manifest", m.digest, m.review_after)
         return m
 
     async def delete(self, repo: str, reference: str) -> None:
         reference = check_reference(reference)
         if ":" in reference:
-            if not await self.meta.manifest_delete(repo, reference):
+            if not await self.meta.manifest_delete(repo, reference, self.blobs.review_after()):
                 raise RegistryError("MANIFEST_UNKNOWN", {"reference": reference})
             await self.blobs.remove_content(repo, parse_digest(reference))
-        elif not await self.meta.tag_delete(repo, reference):
+        elif not await self.meta.tag_delete(repo, reference, self.blobs.review_after()):
             raise RegistryError("MANIFEST_UNKNOWN", {"reference": reference})
         await self.layout.sync(repo)
 

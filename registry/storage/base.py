@@ -81,3 +81,6 @@ class Storage(Protocol):
         the upload data stays until upload_delete."""
 
     async def upload_delete(self, upload_id: str) -> None: ...
+
+    async def upload_list(self) -> list[tuple[str, float]]:
+        """(upload id, last modified) of every upload's data, for expiry."""

@@ -301,6 +301,17 @@ class FilesystemStorage:
     async def upload_place(self, upload_id: str, key: str) -> None:
         await self._run(self._place_sync, self._upload_path(upload_id), self._path(key))
 
+    async def upload_list(self) -> list[tuple[str, float]]:
+        def ls() -> list[tuple[str, float]]:
+            out = []
+            for e in os.scandir(self.root / UPLOADS):
+                try:
+                    out.append((e.name, e.stat().st_mtime))
+                except FileNotFoundError:
+                    continue
+            return out
+        return await self._run(ls)
+
     async def upload_delete(self, upload_id: str) -> None:
         try:
             await self._run(os.unlink, self._upload_path(upload_id))

@@ -1,0 +1,198 @@
+"""Online garbage collection, driven by the metadata store.
+
+A pass reads GC's queue (rows whose review_after has passed: see meta/base.py)
+in batches. Each batch is re-checked and deleted by the store under row locks
+(gc_collect), so a push that refers to a row and a pass that deletes it meet in
+one transaction. The files of deleted rows go afterwards, by Blobs.remove_content,
+which puts a file back if its row reappeared meanwhile. Deleting a manifest
+queues what it referred to, so an index, its children and their blobs go in one
+pass (a few rounds). Expired upload sessions and their data go too. Passes never
+overlap, across replicas included (the "gc" lock).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from registry.digest import parse_digest
+from registry.keys import Services
+from registry.meta.base import Candidate
+
+log = logging.getLogger(__name__)
+BATCH = 500
+MAX_ROUNDS = 16  # an index, its children, their blobs, referrers of each: a few rounds suffice
+REPORT_LIMIT = 10000  # deleted items listed in a result (the counts are always complete)
+
+
+@dataclass
+class GCResult:
+    dry_run: bool
+    started: float
+    duration: float = 0.0
+    reviewed: int = 0
+    blobs_deleted: int = 0
+    manifests_deleted: int = 0
+    uploads_deleted: int = 0
+    bytes_reclaimed: int = 0  # logical: a deduplicated file frees disk only with its last holder
+    pending: int = 0
+    deleted: list[dict[str, object]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+async def collect(svc: Services, *, delete_untagged: bool, upload_ttl: float, dry_run: bool = False,
+                  repo: str | None = None, now: float | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> GCResult:
+    now = time.time() if now is None else now
+    result = GCResult(dry_run=dry_run, started=now)
+    t0 = time.monotonic()
+    async with svc.meta.exclusive("gc"):
+        total = await svc.meta.gc_pending(now)
+        for _ in range(MAX_ROUNDS):
+            if not await _round(svc, result, now, delete_untagged, dry_run, repo, total, progress) or dry_run:
+                break
+        await _expire_uploads(svc, result, now - upload_ttl, dry_run, repo)
+        result.pending = await svc.meta.gc_pending(time.time())
+    result.duration = time.monotonic() - t0
+    return result
+
+
+async def _round(svc: Services, result: GCResult, now: float, delete_untagged: bool, dry_run: bool,
+                 repo: str | None, total: int, progress: Callable[[int, int], None] | None) -> int:
+    """One walk over the queue; returns how many rows it deleted."""
+    after = None
+    deleted_here = 0
+    while True:
+        batch = await svc.meta.gc_candidates(now, BATCH, repo, after)
+        if not batch:
+            return deleted_here
+        last = batch[-1]
+        after = (last.review_after, last.repo, last.kind, last.digest)
+        deleted = await svc.meta.gc_collect(batch, now, delete_untagged, dry_run)
+        result.reviewed += len(batch)
+        deleted_here += len(deleted)
+        await _remove(svc, result, deleted, dry_run)
+        if progress:
+            progress(result.reviewed, max(total, result.reviewed))
+
+
+async def _remove(svc: Services, result: GCResult, deleted: list[Candidate], dry_run: bool) -> None:
+    changed = set()
+    for c in deleted:
+        if c.kind == "blob":
+            result.blobs_deleted += 1
+        else:
+            result.manifests_deleted += 1
+            changed.add(c.repo)
+        result.bytes_reclaimed += c.size
+        if len(result.deleted) < REPORT_LIMIT:
+            result.deleted.append({"repository": c.repo, "kind": c.kind, "digest": c.digest, "size": c.size})
+        if not dry_run:
+            await svc.blobs.remove_content(c.repo, parse_digest(c.digest))
+    if not dry_run:
+        for name in sorted(changed):  # untagged manifests are listed in index.json
+            await svc.layout.sync(name)
+
+
+async def _expire_uploads(svc: Services, result: GCResult, before: float, dry_run: bool, repo: str | None) -> None:
+    while True:
+        expired = [u for u in await svc.meta.uploads_expired(before, BATCH) if repo is None or u.repo == repo]
+        if not expired:
+            break
+        for up in expired:
+            result.uploads_deleted += 1
+            if len(result.deleted) < REPORT_LIMIT:
+                result.deleted.append({"repository": up.repo, "kind": "upload", "digest": up.id, "size": up.size})
+            if not dry_run:
+                await svc.meta.upload_delete(up.id)
+                await svc.storage.upload_delete(up.id)
+        if dry_run or len(expired) < BATCH:
+            break
+    if repo is not None:
+        return
+    # Data with no session row: single-request pushes cut off by a crash.
+    for upload_id, mtime in await svc.storage.upload_list():
+        if mtime < before and await svc.meta.upload_get(upload_id) is None:
+            result.uploads_deleted += 1
+            if not dry_run:
+                await svc.storage.upload_delete(upload_id)
+
+
+class GCStats:
+    """Prometheus series of the passes this process ran (a prometheus-client collector)."""
+
+    def __init__(self, pending: Callable[[], int] | None = None) -> None:
+        self.runs = 0
+        self.seconds = 0.0
+        self.blobs = self.manifests = self.uploads = self.bytes = 0
+        self.pending = 0
+        self.last_success = 0.0
+
+    def record(self, r: GCResult) -> None:
+        self.runs += 1
+        self.seconds += r.duration
+        if not r.dry_run:
+            self.blobs += r.blobs_deleted
+            self.manifests += r.manifests_deleted
+            self.uploads += r.uploads_deleted
+            self.bytes += r.bytes_reclaimed
+        self.pending = r.pending
+        self.last_success = time.time()
+        log.info("gc: %s %d blobs, %d manifests, %d uploads (%d bytes) after reviewing %d in %.2fs; %d pending",
+                 "would delete" if r.dry_run else "deleted", r.blobs_deleted, r.manifests_deleted,
+                 r.uploads_deleted, r.bytes_reclaimed, r.reviewed, r.duration, r.pending)
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        yield CounterMetricFamily("registry_gc_runs", "GC passes run by this process.", value=self.runs)
+        yield CounterMetricFamily("registry_gc_duration_seconds", "Time spent in GC passes.", value=self.seconds)
+        deleted = CounterMetricFamily("registry_gc_deleted", "Rows GC deleted.", labels=["kind"])
+        for kind, n in (("blob", self.blobs), ("manifest", self.manifests), ("upload", self.uploads)):
+            deleted.add_metric([kind], n)
+        yield deleted
+        yield CounterMetricFamily("registry_gc_reclaimed_bytes", "Logical bytes GC deleted.", value=self.bytes)
+        yield GaugeMetricFamily("registry_gc_candidates_pending",
+                                "Queued blobs and manifests due for review after the last pass.", value=self.pending)
+        yield GaugeMetricFamily("registry_gc_last_run_timestamp_seconds",
+                                "When the last GC pass ended.", value=self.last_success)
+
+
+async def full_walk(svc: Services, *, older_than: float, dry_run: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, list[str]]:
+    """Repair by walking storage (``registry gc --full``): files under a layout's
+    blobs/ that no row accounts for and that are older than ``older_than`` are
+    deleted (a crash between placing a file and recording it); rows whose file is
+    missing are reported for ``registry reindex``."""
+    from registry.maintenance.reindex import find_layouts
+    root = svc.storage.local_path("")
+    report: dict[str, list[str]] = {"orphan_files_deleted": [], "rows_without_file": []}
+    if root is None:
+        return report
+    repos = find_layouts(root)
+    for i, repo in enumerate(repos):
+        async for key, _size in svc.storage.walk(f"{repo}/blobs"):
+            parts = key[len(repo) + 1:].split("/")
+            if len(parts) != 3 or parts[2].startswith("."):
+                continue
+            digest = f"{parts[1]}:{parts[2]}"
+            if await svc.meta.blob_size(repo, digest) is not None:
+                continue
+            path = svc.storage.local_path(key)
+            if path is not None and path.stat().st_mtime >= older_than:
+                continue
+            report["orphan_files_deleted"].append(key)
+            if not dry_run:
+                try:
+                    await svc.blobs.remove_content(repo, parse_digest(digest))
+                except Exception:  # a name that is no digest: leave it
+                    continue
+        for c in await svc.meta.gc_candidates(float("inf"), 1 << 30, repo):
+            path = svc.storage.local_path(f"{repo}/{parse_digest(c.digest).path}")
+            if path is not None and not path.exists():
+                report["rows_without_file"].append(f"{repo}@{c.digest}")
+        if progress:
+            progress(i + 1, len(repos))
+    return report

@@ -1,0 +1,55 @@
+"""PostgreSQL: what GC and /metrics need. A GC batch is one call of
+registry_gc_collect (migration 0002), which locks each candidate with
+FOR UPDATE SKIP LOCKED and re-checks it before deleting."""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from registry.meta.base import Candidate, Counts, Upload
+
+
+class PostgresGC:
+    _rows: Callable[..., Awaitable[list[Any]]]
+    _row: Callable[..., Awaitable[Any]]
+
+    async def gc_candidates(self, now: float, limit: int, repo: str | None = None,
+                            after: tuple[float, str, str, str] | None = None) -> list[Candidate]:
+        after = after or (float("-inf"), "", "", "")
+        rows = await self._rows(
+            "SELECT * FROM (SELECT b.review_after, r.name, 'blob' AS kind, b.digest, b.size FROM repo_blobs b "
+            "JOIN repositories r ON r.id = b.repo_id WHERE b.review_after <= $1 "
+            "UNION ALL SELECT m.review_after, r.name, 'manifest', m.digest, m.size FROM manifests m "
+            "JOIN repositories r ON r.id = m.repo_id WHERE m.review_after <= $1) q "
+            "WHERE ($2::text IS NULL OR name = $2) AND (review_after, name, kind, digest) > ($3, $4, $5, $6) "
+            "ORDER BY review_after, name, kind, digest LIMIT $7", now, repo, *after, limit)
+        return [Candidate(repo=r[1], kind=r[2], digest=r[3], size=r[4], review_after=r[0]) for r in rows]
+
+    async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
+                         dry_run: bool = False) -> list[Candidate]:
+        if not batch:
+            return []
+        rows = await self._rows("SELECT registry_gc_collect($1, $2, $3, $4, $5, $6)",
+                                [c.repo for c in batch], [c.kind for c in batch], [c.digest for c in batch],
+                                now, delete_untagged, dry_run)
+        return [batch[r[0] - 1] for r in rows]
+
+    async def gc_pending(self, now: float) -> int:
+        row = await self._row("SELECT (SELECT count(*) FROM repo_blobs WHERE review_after <= $1) + "
+                              "(SELECT count(*) FROM manifests WHERE review_after <= $1)", now)
+        return row[0]
+
+    async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
+        rows = await self._rows("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE updated_at < $1 "
+                                "ORDER BY updated_at LIMIT $2", before, limit)
+        return [Upload(*r) for r in rows]
+
+    async def counts(self) -> Counts:
+        r = await self._row(
+            "SELECT (SELECT count(*) FROM repositories), (SELECT count(*) FROM manifests), "
+            "(SELECT count(*) FROM tags), (SELECT count(*) FROM uploads), "
+            "(SELECT coalesce(sum(size), 0) FROM repo_blobs) + (SELECT coalesce(sum(size), 0) FROM manifests), "
+            "(SELECT count(*) FROM (SELECT DISTINCT digest FROM repo_blobs) d), "
+            "(SELECT coalesce(sum(s), 0) FROM (SELECT max(size) AS s FROM repo_blobs GROUP BY digest) b) + "
+            "(SELECT coalesce(sum(s), 0) FROM (SELECT max(size) AS s FROM manifests GROUP BY digest) m)")
+        return Counts(repositories=r[0], manifests=r[1], tags=r[2], uploads=r[3], logical_bytes=int(r[4]),
+                      blobs=r[5], unique_bytes=int(r[6]))
