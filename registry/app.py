@@ -14,6 +14,7 @@ from registry.keys import CONFIG, METRICS, OBSERVER, SERVICES, TUNABLES, Service
 from registry.maintenance.gc import GCStats, collect
 from registry.maintenance.reindex import reindex_new_layouts
 from registry.maintenance.scheduler import Periodic
+from registry.maintenance.scrub import ScrubStats, scrub
 from registry.meta.factory import open_meta
 from registry.metrics import Metrics
 from registry.reload import Tunables
@@ -55,13 +56,20 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         gc = Periodic("gc", lambda: collect(svc, delete_untagged=cfg.storage.gc_delete_untagged,
                                             upload_ttl=cfg.uploads.ttl),
                       lambda: tunables.gc_interval if tunables.gc else 0, stats.record)
-        unsubscribe = tunables.subscribe(lambda _: gc.wake())
+        scrub_stats = ScrubStats()
+        if METRICS in app:
+            app[METRICS].registry.register(scrub_stats)
+        scrubber = Periodic("scrub", lambda: scrub(svc, bytes_per_second=tunables.scrub.bytes_per_second),
+                            lambda: tunables.scrub.interval if tunables.scrub.enable else 0, scrub_stats.record)
+        unsubscribe = tunables.subscribe(lambda _: (gc.wake(), scrubber.wake()))
         gc.start()
+        scrubber.start()
         try:
             yield
         finally:
             unsubscribe()
             await gc.stop()
+            await scrubber.stop()
 
 
 def create_app(cfg: Config) -> web.Application:

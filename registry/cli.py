@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -128,6 +127,39 @@ def cmd_gc(args: argparse.Namespace) -> None:
               f"{len(full['rows_without_file'])} rows without a file (run registry reindex)")
 
 
+def cmd_scrub(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    _logging(cfg)
+    from registry.maintenance.scrub import report, scrub
+    from registry.progress import Progress
+
+    async def run(svc):  # type: ignore[no-untyped-def]
+        result = None
+        if not args.report:
+            bar = Progress("scrub", unit=" checked")
+            try:
+                result = await scrub(svc, quick=args.quick, repo=args.repo,
+                                     bytes_per_second=cfg.extensions.scrub.bytes_per_second, progress=bar)
+            finally:
+                bar.close()
+        return result, await report(svc, args.repo)
+    result, rows = asyncio.run(_with_services(cfg, run))
+    affected = [r for r in rows if r["status"] != "ok"]
+    if args.format == "json":
+        out: dict[str, object] = {"scrubResult": rows, "affected": len(affected)}
+        if result is not None:
+            out["pass"] = {k: v for k, v in result.as_dict().items() if k != "damaged"}
+            out["damaged"] = result.as_dict()["damaged"]
+        print(json.dumps(out, indent=2))
+    else:
+        print(_table(("REPOSITORY", "TAG", "STATUS", "AFFECTED BLOB", "ERROR"),
+                     [(r["repository"], r["tag"], r["status"], r["affected_blob"], r["error"]) for r in rows]))
+        if result is not None:
+            print(f"{'quick' if result.quick else 'deep'} scrub: {result.blobs} blobs ({result.bytes} bytes) and "
+                  f"{result.manifests} manifests in {result.duration:.1f}s; {len(result.damaged)} damaged")
+    sys.exit(1 if affected or (result is not None and result.damaged) else 0)
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> str:
     cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -170,6 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--full", action="store_true", help="also walk storage for files no row accounts for (repair)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(fn=cmd_gc)
+    sc = with_config(sub.add_parser("scrub", help="rehash stored blobs and report what is damaged"))
+    sc.add_argument("--repo", help="only this repository")
+    sc.add_argument("--format", choices=("table", "json"), default="table")
+    sc.add_argument("--report", action="store_true", help="print the last results without rehashing")
+    sc.add_argument("--quick", action="store_true",
+                    help="compare the xxh3 recorded at write time instead of rehashing with the digest's algorithm")
+    sc.set_defaults(fn=cmd_scrub)
     with_config(sub.add_parser("migrate", help="apply metadata schema migrations")).set_defaults(fn=cmd_migrate)
     c = sub.add_parser("check-config", help="validate a config file and print the effective config")
     c.add_argument("config", nargs="?", help="config file")

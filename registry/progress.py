@@ -18,9 +18,12 @@ class Progress:
         if not self.enabled or (time.monotonic() - self._last < 0.1 and done < total):
             return
         self._last = time.monotonic()
-        width = 30
-        filled = int(width * done / total) if total else width
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{self.unit}")
+        if total <= 0:  # no total known: a running count
+            self.stream.write(f"\r{self.label}: {done}{self.unit}")
+        else:
+            width = 30
+            filled = int(width * done / total)
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{self.unit}")
         self.stream.flush()
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.api import base, blobs, catalog, manifests, ops, referrers, tags, uploads
+from registry.api import scrub, base, blobs, catalog, manifests, ops, referrers, tags, uploads
 from registry.keys import CONFIG
 
 N = "/v2/{name:.+}"
@@ -32,6 +32,7 @@ def add_routes(app: web.Application) -> None:
     # Operations (not in the spec): liveness, readiness, Prometheus metrics.
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
+    r.add_get("/_registry/scrub", scrub.scrub_report)                           # scrub report (JSON)
     metrics = app[CONFIG].extensions.metrics
     if metrics.enable:
         r.add_get(metrics.effective_path, ops.metrics)

@@ -68,6 +68,39 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobStat:
+    size: int
+    review_after: float
+    damaged: str | None = None  # why the last scrub found this copy bad
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubItem:
+    repo: str
+    kind: str  # "blob" | "manifest"
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubState:
+    cursor: tuple[str, str, str] | None  # (repo, kind, digest) last checked in the current pass
+    pass_started: float | None
+    last_complete: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Something a tag reaches (its manifest, child manifests, blobs), for scrub reports.
+    ``damaged`` is the last scrub's finding, or why the row itself is missing."""
+    repo: str
+    tag: str
+    kind: str
+    digest: str
+    damaged: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Upload:
     id: str
     repo: str
@@ -88,12 +121,14 @@ class MetaStore(Protocol):
         """Size of a blob (or manifest) the repository holds, None otherwise."""
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         """Any repository holding the blob, with its size (mount without from)."""
-    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
-        """(size, review_after) of a blob or manifest the repository holds."""
+    async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
+        """Size, GC review time and scrub finding of a blob (or manifest) the repository holds."""
     async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
         """Postpone GC of a queued blob or manifest (an existence check); rows
         GC found in use (review_after == NEVER) are left alone."""
-    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None: ...
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float,
+                        checksum: str | None = None) -> None:
+        """Record that the repository holds the blob (and the xxh3 of its bytes, when known)."""
     async def blob_unlink(self, repo: str, digest: str) -> bool: ...
 
     # manifests and tags
@@ -139,6 +174,17 @@ class MetaStore(Protocol):
         returns the deleted. In-use rows leave the queue (NEVER); a deleted
         manifest's references and referrers join it at ``now``."""
     async def gc_pending(self, now: float) -> int: ...
+
+    # scrub
+    async def checksum_put(self, digest: str, xxh3: str) -> None: ...
+    async def checksum_get(self, digest: str) -> str | None: ...
+    async def scrub_items(self, after: tuple[str, str, str] | None, limit: int,
+                          repo: str | None = None) -> list[ScrubItem]:
+        """Every stored blob and manifest, ordered by (repo, kind, digest), after ``after``."""
+    async def scrub_mark(self, repo: str, kind: str, digest: str, damaged: str | None, now: float) -> None: ...
+    async def scrub_state(self) -> ScrubState: ...
+    async def scrub_save(self, state: ScrubState) -> None: ...
+    async def scrub_reach(self, repo: str | None = None) -> list[Reach]: ...
 
     # operations (issue 8)
     async def counts(self) -> "Counts":

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from typing import AsyncIterator
 
-from registry.meta.base import NEVER, BadReferences, Candidate, LayoutEntry, Manifest, Upload
+from registry.meta.base import (NEVER, BadReferences, BlobStat, Candidate, LayoutEntry, Manifest, Reach, ScrubItem,
+                                ScrubState, Upload)
 
 
 @dataclass
@@ -20,12 +21,15 @@ class _Repo:
     tags: dict[str, str] = field(default_factory=dict)
     layout_gen: int = 0
     layout_synced: int = 0
+    damaged: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, digest) -> finding
 
 
 class MemoryMeta:
     def __init__(self) -> None:
         self._repos: dict[str, _Repo] = {}
         self._uploads: dict[str, Upload] = {}
+        self._checksums: dict[str, str] = {}
+        self._scrub = ScrubState(None, None, None)
 
     async def open(self) -> None:
         pass
@@ -53,14 +57,14 @@ class MemoryMeta:
         m = r.manifests.get(digest)
         return m.size if m else None
 
-    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+    async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
         r = self._repos.get(repo)
         if r is None:
             return None
         if digest in r.blobs:
-            return r.blobs[digest], r.review[digest]
+            return BlobStat(r.blobs[digest], r.review[digest], r.damaged.get(("blob", digest)))
         m = r.manifests.get(digest)
-        return (m.size, NEVER) if m else None
+        return BlobStat(m.size, NEVER) if m else None
 
     async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
         r = self._repos.get(repo)
@@ -79,7 +83,10 @@ class MemoryMeta:
                 return name, r.blobs[digest]
         return None
 
-    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None:
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float,
+                        checksum: str | None = None) -> None:
+        if checksum is not None:
+            self._checksums.setdefault(digest, checksum)
         r = self._repo(repo)
         r.blobs.setdefault(digest, size)
         r.review[digest] = max(r.review.get(digest, 0.0), review_after)
@@ -89,6 +96,7 @@ class MemoryMeta:
         if r is None or digest not in r.blobs:
             return False
         del r.blobs[digest]
+        r.damaged.pop(("blob", digest), None)
         r.review.pop(digest, None)
         return True
 
@@ -278,3 +286,58 @@ class MemoryMeta:
 
     async def gc_pending(self, now: float) -> int:
         return len(self._queue(now))
+
+    # -- scrub
+    async def checksum_put(self, digest: str, xxh3: str) -> None:
+        self._checksums.setdefault(digest, xxh3)
+
+    async def checksum_get(self, digest: str) -> str | None:
+        return self._checksums.get(digest)
+
+    async def scrub_items(self, after: tuple[str, str, str] | None, limit: int,
+                          repo: str | None = None) -> list[ScrubItem]:
+        items = [ScrubItem(name, "blob", d, size) for name, r in self._repos.items() for d, size in r.blobs.items()]
+        items += [ScrubItem(name, "manifest", d, m.size) for name, r in self._repos.items()
+                  for d, m in r.manifests.items()]
+        after = after or ("", "", "")
+        items = [i for i in items if (repo is None or i.repo == repo) and (i.repo, i.kind, i.digest) > after]
+        return sorted(items, key=lambda i: (i.repo, i.kind, i.digest))[:limit]
+
+    async def scrub_mark(self, repo: str, kind: str, digest: str, damaged: str | None, now: float) -> None:
+        r = self._repos.get(repo)
+        if r is None or digest not in (r.blobs if kind == "blob" else r.manifests):
+            return
+        if damaged is None:
+            r.damaged.pop((kind, digest), None)
+        else:
+            r.damaged[(kind, digest)] = damaged
+
+    async def scrub_state(self) -> ScrubState:
+        return self._scrub
+
+    async def scrub_save(self, state: ScrubState) -> None:
+        self._scrub = state
+
+    async def scrub_reach(self, repo: str | None = None) -> list[Reach]:
+        out: set[Reach] = set()
+        for name, r in self._repos.items():
+            if repo is not None and name != repo:
+                continue
+            for tag, top in r.tags.items():
+                todo, seen = [("manifest", top)], set()
+                while todo:
+                    kind, d = todo.pop()
+                    if (kind, d) in seen:
+                        continue
+                    seen.add((kind, d))
+                    m = r.manifests.get(d) if kind == "manifest" else None
+                    if kind == "blob" and d not in r.blobs:
+                        finding: str | None = "blob missing from the repository"
+                    elif kind == "manifest" and m is None:
+                        finding = "manifest missing from the repository"
+                    else:
+                        finding = r.damaged.get((kind, d))
+                    out.add(Reach(name, tag, kind, d, finding))
+                    if m is not None:
+                        todo += [(x.kind, x.digest) for x in m.refs]
+        return sorted(out, key=lambda x: (x.repo, x.tag, x.kind, x.digest))

@@ -18,8 +18,9 @@ import asyncpg
 
 from registry.config import PostgresConfig
 from registry.meta import migrate
-from registry.meta.base import NEVER, BadReferences, LayoutEntry, Manifest, MetaError, Upload
+from registry.meta.base import NEVER, BadReferences, BlobStat, LayoutEntry, Manifest, MetaError, Upload
 from registry.meta.postgres_gc import PostgresGC
+from registry.meta.postgres_scrub import PostgresScrub
 
 MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
 _MANIFEST_COLS = ("m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations, "
@@ -58,7 +59,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if isinstance(exc, asyncpg.InterfaceError) else "")
 
 
-class PostgresMeta(PostgresGC):
+class PostgresMeta(PostgresGC, PostgresScrub):
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
@@ -131,7 +132,10 @@ class PostgresMeta(PostgresGC):
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise MetaError(f"PostgreSQL lock {name!r}: {_describe(exc)}") from None
         finally:
-            await self.lock_pool.release(conn)
+            # A connection the server killed fails its reset here; the pool has dropped it, and
+            # the session's lock went with it.
+            with contextlib.suppress(*_TRANSIENT, asyncpg.PostgresError):
+                await self.lock_pool.release(conn)
 
     async def schema_version(self) -> int:
         return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")
@@ -167,12 +171,12 @@ class PostgresMeta(PostgresGC):
             "AND b.digest = $2 UNION ALL SELECT m.size FROM manifests m JOIN repositories r ON r.id = m.repo_id "
             "WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest)
 
-    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+    async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
         row = await self._row(
-            "SELECT b.size, b.review_after FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
-            "WHERE r.name = $1 AND b.digest = $2 UNION ALL SELECT m.size, $3 FROM manifests m "
+            "SELECT b.size, b.review_after, b.damaged FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
+            "WHERE r.name = $1 AND b.digest = $2 UNION ALL SELECT m.size, $3, NULL FROM manifests m "
             "JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest, NEVER)
-        return (row[0], row[1]) if row else None
+        return BlobStat(row[0], row[1], row[2]) if row else None
 
     async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
         table = "repo_blobs" if kind == "blob" else "manifests"
@@ -185,13 +189,16 @@ class PostgresMeta(PostgresGC):
                               "WHERE b.digest = $1 LIMIT 1", digest)
         return (row[0], row[1]) if row else None
 
-    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None:
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float,
+                        checksum: str | None = None) -> None:
         now = time.time()
         await self._call("execute",
+                         "WITH c AS (INSERT INTO checksums (digest, xxh3) SELECT $2, $6 WHERE $6::text IS NOT NULL "
+                         "ON CONFLICT DO NOTHING) "
                          "INSERT INTO repo_blobs (repo_id, digest, size, created_at, review_after) "
                          "VALUES (registry_repo_id($1, $4), $2, $3, $4, $5) ON CONFLICT (repo_id, digest) "
                          "DO UPDATE SET review_after = greatest(repo_blobs.review_after, excluded.review_after)",
-                         repo, digest, size, now, review_after)
+                         repo, digest, size, now, review_after, checksum)
 
     async def blob_unlink(self, repo: str, digest: str) -> bool:
         return await self._val(

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from registry.meta import migrate
-from registry.meta.base import NEVER, BadReferences, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
+from registry.meta.base import NEVER, BadReferences, BlobStat, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
 from registry.meta.sqlite_gc import SQLiteGC, bump_layout, delete_manifest, requeue
+from registry.meta.sqlite_scrub import SQLiteScrub
 
 T = TypeVar("T")
 MAX_BATCH = 512
@@ -49,7 +50,7 @@ def _repo_id(conn: sqlite3.Connection, repo: str, create: bool) -> int | None:
                         (repo, time.time())).lastrowid
 
 
-class SQLiteMeta(SQLiteGC):
+class SQLiteMeta(SQLiteGC, SQLiteScrub):
     def __init__(self, path: str | Path, *, durable: bool = True):
         self.path = Path(path)
         self.durable = durable
@@ -187,13 +188,13 @@ class SQLiteMeta(SQLiteGC):
             "WHERE r.name = ? AND m.digest = ? LIMIT 1", (repo, digest, repo, digest))
         return rows[0][0] if rows else None
 
-    async def blob_stat(self, repo: str, digest: str) -> tuple[int, float] | None:
+    async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
         rows = self._read(
-            "SELECT b.size, b.review_after FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
+            "SELECT b.size, b.review_after, b.damaged FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
             "WHERE r.name = ? AND b.digest = ? "
-            "UNION ALL SELECT m.size, ? FROM manifests m JOIN repositories r ON r.id = m.repo_id "
+            "UNION ALL SELECT m.size, ?, NULL FROM manifests m JOIN repositories r ON r.id = m.repo_id "
             "WHERE r.name = ? AND m.digest = ? LIMIT 1", (repo, digest, NEVER, repo, digest))
-        return (rows[0][0], rows[0][1]) if rows else None
+        return BlobStat(*rows[0]) if rows else None
 
     async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
         table = "repo_blobs" if kind == "blob" else "manifests"
@@ -207,9 +208,12 @@ class SQLiteMeta(SQLiteGC):
                           "WHERE b.digest = ? LIMIT 1", (digest,))
         return (rows[0][0], rows[0][1]) if rows else None
 
-    async def blob_link(self, repo: str, digest: str, size: int, review_after: float) -> None:
+    async def blob_link(self, repo: str, digest: str, size: int, review_after: float,
+                        checksum: str | None = None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             rid = _repo_id(conn, repo, True)
+            if checksum is not None:
+                conn.execute("INSERT OR IGNORE INTO checksums (digest, xxh3) VALUES (?, ?)", (digest, checksum))
             conn.execute("INSERT INTO repo_blobs (repo_id, digest, size, created_at, review_after) "
                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (repo_id, digest) DO UPDATE SET "
                          "review_after = max(review_after, excluded.review_after)",

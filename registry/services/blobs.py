@@ -57,15 +57,23 @@ class Blobs:
         stat = await self.meta.blob_stat(repo, str(digest))
         if stat is None:
             raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
-        size, review_after = stat
-        await self.postpone(repo, "blob", str(digest), review_after)
-        return size
+        if stat.damaged is not None:  # never serve bytes known to be wrong; a push of the content repairs it
+            raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest), "damaged": stat.damaged})
+        if not await self.postpone(repo, "blob", str(digest), stat.review_after):
+            raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})  # GC took it meanwhile
+        return stat.size
 
-    async def postpone(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+    async def postpone(self, repo: str, kind: str, digest: str, review_after: float) -> bool:
+        """Keep a queued row for at least gcDelay from now (rows in use are left
+        alone). False when GC deleted the row between the caller's read and this
+        write: the caller must then answer as if it never existed."""
         delay = self.gc_delay()
         now = time.time()
-        if review_after < NEVER and review_after < now + delay / 2:  # at most one write per half delay
-            await self.meta.touch(repo, kind, digest, now + delay)
+        if review_after >= NEVER or review_after >= now + delay:
+            return True
+        # 1.5 delays: a full delay is guaranteed, and a row is written at most once per half delay.
+        await self.meta.touch(repo, kind, digest, now + delay * 1.5)
+        return await self.meta.blob_size(repo, digest) is not None
 
     def local_path(self, repo: str, digest: Digest) -> Path | None:
         return self.storage.local_path(blob_key(repo, digest))
@@ -74,31 +82,40 @@ class Blobs:
         return await self.meta.blob_size(repo, str(digest)) is not None
 
     async def link_placed(self, repo: str, digest: Digest, size: int,
-                          place: Callable[[], Awaitable[None]]) -> None:
+                          place: Callable[[], Awaitable[None]], checksum: str | None = None) -> None:
         """Record a blob whose content ``place()`` has put under its key, then
         make sure a concurrent removal did not take the file away meanwhile."""
-        await self.meta.blob_link(repo, str(digest), size, self.review_after())
+        await self.meta.blob_link(repo, str(digest), size, self.review_after(), checksum)
         try:
             await self.storage.stat(blob_key(repo, digest))
         except NotFound:
             await place()
 
-    async def commit_upload(self, repo: str, upload_id: str, digest: Digest, size: int) -> None:
+    async def commit_upload(self, repo: str, upload_id: str, digest: Digest, size: int,
+                            checksum: str | None = None) -> None:
+        """Make a verified upload visible; ``checksum`` is the xxh3 of its bytes."""
         await self.layout.ensure_repo(repo)
+        stat = await self.meta.blob_stat(repo, str(digest))
+        repair = stat is not None and stat.damaged is not None
 
         async def place() -> None:
-            await self.storage.upload_place(upload_id, blob_key(repo, digest))
+            await self.storage.upload_place(upload_id, blob_key(repo, digest), replace=repair)
         await place()
-        await self.link_placed(repo, digest, size, place)
+        await self.link_placed(repo, digest, size, place, checksum)
+        if repair:  # the verified bytes replaced the damaged copy
+            await self.meta.scrub_mark(repo, "blob", str(digest), None, time.time())
 
     async def mount(self, repo: str, digest: Digest, source: str | None) -> bool:
         """Link a blob the registry already holds into ``repo``; False to fall back to an upload."""
-        if await self._present(repo, digest):
-            return True
+        here = await self.meta.blob_stat(repo, str(digest))
+        if here is not None and (here.damaged is not None  # a damaged copy is repaired by an upload, not a mount
+                                 or await self.postpone(repo, "blob", str(digest), here.review_after)):
+            return here.damaged is None
         if source is not None:
             if not NAME_RE.fullmatch(source):
                 return False
-            size = await self.meta.blob_size(source, str(digest))
+            stat = await self.meta.blob_stat(source, str(digest))
+            size = stat.size if stat is not None and stat.damaged is None else None
         else:
             holder = await self.meta.blob_holder(str(digest))
             source, size = holder if holder else (None, None)

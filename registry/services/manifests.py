@@ -13,6 +13,7 @@ from registry.meta.base import BadReferences, Manifest, MetaStore, Ref
 from registry.reference import is_tag
 from registry.services.blobs import Blobs
 from registry.services.layout import Layout
+from registry.storage.base import NotFound
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -165,6 +166,10 @@ class Manifests:
             if exc.missing:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", {"digests": exc.missing}) from None
             raise RegistryError("MANIFEST_INVALID", {"sizes": exc.wrong_size}) from None
+        try:  # GC may have set aside the file of an earlier copy of this manifest meanwhile
+            await self.blobs.storage.stat(f"{repo}/{digest.path}")
+        except NotFound:
+            await self.blobs.storage.write(f"{repo}/{digest.path}", body)
         await self.layout.sync(repo)
         return Pushed(digest, m.subject)
 
@@ -174,7 +179,8 @@ class Manifests:
         if m is None:
             raise RegistryError("MANIFEST_UNKNOWN", {"reference": reference})
         if ":" in reference:  # by digest: a client may be about to push an index or referrer naming it
-            await self.blobs.postpone(repo, "manifest", m.digest, m.review_after)
+            if not await self.blobs.postpone(repo, "manifest", m.digest, m.review_after):
+                raise RegistryError("MANIFEST_UNKNOWN", {"reference": reference})  # GC took it meanwhile
         return m
 
     async def delete(self, repo: str, reference: str) -> None:

@@ -10,9 +10,12 @@ truth after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from typing import AsyncIterator
+
+import xxhash
 
 from registry.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from registry.errors import RegistryError
@@ -22,6 +25,7 @@ from registry.storage.base import InvalidOffset, NotFound, Storage, WriteInterru
 
 _ID = re.compile(r"[0-9a-f]{32}")
 HASH_INLINE = 256 << 10
+MAX_CACHED_HASHERS = 10_000
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -34,16 +38,34 @@ class Uploads:
         self.meta = meta
         self.storage = storage
         self.blobs = blobs
-        self._hashers: dict[str, tuple[Hasher, int]] = {}
+        # upload id -> ([sha256, xxh3-128] of the bytes received, how many bytes)
+        self._hashers: dict[str, tuple[list[Hasher], int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Sessions are often finished on another replica, or abandoned: keep the most recent
+        # running hashes only (one evicted costs a read-back at the finish, never a wrong digest).
+        self.max_cached_hashers = MAX_CACHED_HASHERS
 
-    def _lock(self, upload_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(upload_id, asyncio.Lock())
+    def _keep(self, upload_id: str, hashers: list[Hasher], size: int) -> None:
+        self._hashers[upload_id] = (hashers, size)
+        while len(self._hashers) > self.max_cached_hashers:
+            del self._hashers[next(iter(self._hashers))]  # the least recently used
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, upload_id: str) -> AsyncIterator[None]:
+        """This process's lock on a session; forgotten when nobody holds or waits for it (a
+        session continued or finished on another replica must leave nothing behind here)."""
+        lock = self._locks.setdefault(upload_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock._waiters and self._locks.get(upload_id) is lock:  # type: ignore[attr-defined]
+                del self._locks[upload_id]
 
     async def start(self, repo: str) -> Upload:
         upload_id = uuid.uuid4().hex
         await self.meta.upload_create(upload_id, repo)
-        self._hashers[upload_id] = (new_hasher(), 0)
+        self._keep(upload_id, [new_hasher(), xxhash.xxh3_128()], 0)
         return Upload(upload_id, repo, 0, 0.0, 0.0)
 
     async def get(self, repo: str, upload_id: str) -> Upload:
@@ -59,12 +81,12 @@ class Uploads:
 
     async def _append(self, up: Upload, chunks: AsyncIterator[bytes]) -> int:
         cached = self._hashers.pop(up.id, None)
-        hashers = [cached[0]] if cached and cached[1] == up.size else []
+        hashers = cached[0] if cached and cached[1] == up.size else []
         try:
             size = await self.storage.upload_write(up.id, up.size, chunks, hashers)
         except WriteInterrupted as exc:  # keep what arrived; the client can ask where to resume
             if await self.meta.upload_set_size(up.id, up.size, exc.size) and hashers:
-                self._hashers[up.id] = (hashers[0], exc.size)
+                self._keep(up.id, hashers, exc.size)
             raise RegistryError("BLOB_UPLOAD_INVALID", "the request body ended early") from None
         except InvalidOffset as exc:
             raise RegistryError("BLOB_UPLOAD_INVALID",
@@ -72,7 +94,7 @@ class Uploads:
         if not await self.meta.upload_set_size(up.id, up.size, size):
             raise self._range_error(size, "the upload was changed concurrently")
         if hashers:
-            self._hashers[up.id] = (hashers[0], size)
+            self._keep(up.id, hashers, size)
         return size
 
     async def patch(self, repo: str, upload_id: str, chunks: AsyncIterator[bytes],
@@ -84,22 +106,34 @@ class Uploads:
             size = await self._append(up, chunks)
             return Upload(up.id, repo, size, up.created_at, up.updated_at)
 
-    async def _digest_of(self, up: Upload, algorithm: str) -> str:
+    async def _digest_of(self, up: Upload, algorithm: str) -> tuple[str, str]:
+        """The upload's digest in ``algorithm`` and its xxh3-128, from the hashers
+        this process kept, or by reading back what was received."""
         cached = self._hashers.get(up.id)
         if algorithm == DEFAULT_ALGORITHM and cached and cached[1] == up.size:
-            return cached[0].hexdigest()
-        h = new_hasher(algorithm)
+            return cached[0][0].hexdigest(), cached[0][1].hexdigest()
+        hashers = [new_hasher(algorithm), xxhash.xxh3_128()]
         loop = asyncio.get_running_loop()
+
+        def update(data: bytes) -> None:
+            for h in hashers:
+                h.update(data)
         try:
             async for data in self.storage.upload_read(up.id, up.size):
                 if len(data) < HASH_INLINE:
-                    h.update(data)
+                    update(data)
                 else:
-                    await loop.run_in_executor(None, h.update, data)
+                    await loop.run_in_executor(None, update, data)
         except NotFound:
             if up.size:
                 raise RegistryError("BLOB_UPLOAD_INVALID", "the upload's data is gone; restart the upload") from None
-        return h.hexdigest()
+        return hashers[0].hexdigest(), hashers[1].hexdigest()
+
+    async def _stored_size(self, upload_id: str) -> int:
+        try:
+            return await self.storage.upload_size(upload_id)
+        except NotFound:
+            return 0
 
     async def finish(self, repo: str, upload_id: str, digest: Digest,
                      chunks: AsyncIterator[bytes] | None) -> Upload:
@@ -114,23 +148,28 @@ class Uploads:
     async def _complete(self, up: Upload, digest: Digest) -> None:
         if up.size == 0:  # nothing was ever written: the file may not exist
             await self.storage.upload_write(up.id, 0, _empty(), [])
-        if await self._digest_of(up, digest.algorithm) != digest.hex:
+        elif await self._stored_size(up.id) > up.size:
+            # Bytes past the recorded length are from a chunk never acknowledged (a process
+            # killed mid-write, here or on another replica): cut them off, or they would be
+            # placed with the blob, past what the digest was checked on.
+            await self.storage.upload_write(up.id, up.size, _empty(), [])
+        got, checksum = await self._digest_of(up, digest.algorithm)
+        if got != digest.hex:
             await self.cancel(up.repo, up.id, locked=True)
             raise RegistryError("DIGEST_INVALID", {"digest": str(digest), "size": up.size})
-        await self.blobs.commit_upload(up.repo, up.id, digest, up.size)
+        await self.blobs.commit_upload(up.repo, up.id, digest, up.size, checksum)
         await self._drop(up.id)
 
     async def monolithic(self, repo: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
         """POST ?digest=: one request, no session row (a crash leaves only a file
         in the upload area, which upload expiry removes)."""
         upload_id = uuid.uuid4().hex
-        h = new_hasher()
-        hashers = [h] if digest.algorithm == DEFAULT_ALGORITHM else [new_hasher(digest.algorithm)]
+        hashers = [new_hasher(digest.algorithm), xxhash.xxh3_128()]
         try:
             size = await self.storage.upload_write(upload_id, 0, chunks, hashers)
             if hashers[0].hexdigest() != digest.hex:
                 raise RegistryError("DIGEST_INVALID", {"digest": str(digest), "size": size})
-            await self.blobs.commit_upload(repo, upload_id, digest, size)
+            await self.blobs.commit_upload(repo, upload_id, digest, size, hashers[1].hexdigest())
             return size
         except WriteInterrupted:
             raise RegistryError("BLOB_UPLOAD_INVALID", "the request body ended early") from None

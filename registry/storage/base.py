@@ -76,9 +76,10 @@ class Storage(Protocol):
 
     def upload_read(self, upload_id: str, length: int) -> AsyncIterator[bytes]: ...
 
-    async def upload_place(self, upload_id: str, key: str) -> None:
+    async def upload_place(self, upload_id: str, key: str, replace: bool = False) -> None:
         """Make the upload's bytes visible under key (durably when commit is on);
-        the upload data stays until upload_delete."""
+        an existing object is kept unless ``replace`` (repairing a damaged copy).
+        The upload data stays until upload_delete."""
 
     async def upload_delete(self, upload_id: str) -> None: ...
 

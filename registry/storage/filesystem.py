@@ -287,9 +287,9 @@ class FilesystemStorage:
         finally:
             f.close()
 
-    def _place_sync(self, src: Path, dst: Path) -> None:
+    def _place_sync(self, src: Path, dst: Path, replace: bool = False) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
+        if dst.exists() and not replace:
             return
         tmp = dst.parent / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -298,8 +298,8 @@ class FilesystemStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def upload_place(self, upload_id: str, key: str) -> None:
-        await self._run(self._place_sync, self._upload_path(upload_id), self._path(key))
+    async def upload_place(self, upload_id: str, key: str, replace: bool = False) -> None:
+        await self._run(self._place_sync, self._upload_path(upload_id), self._path(key), replace)
 
     async def upload_list(self) -> list[tuple[str, float]]:
         def ls() -> list[tuple[str, float]]:
