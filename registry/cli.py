@@ -1,10 +1,11 @@
-"""registry serve | reindex | check-config | migrate"""
+"""registry serve | reindex | gc | scrub | dedupe | du | check-config | migrate"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _logging(cfg)
     from registry.server import serve
     from registry.meta.base import MetaError
+    from registry.storage.base import StorageError
     from registry.meta.migrate import SchemaTooNew
     # SIGHUP re-reads the same file with the same environment and command-line overrides
     # (the environment as it was at start-up: nothing reads os.environ later).
@@ -48,32 +50,70 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def reload_config() -> Config:
         return load(args.config, environ=environ, overrides=_overrides(args))
+    if cfg.http.workers > 1 and cfg.http.port == 0:
+        sys.exit("registry: configuration error: http.workers: several workers need a fixed http.port, not 0")
+    children, worker = _fork_workers(cfg.http.workers)
     try:
-        asyncio.run(serve(cfg, reload_config=reload_config))
+        asyncio.run(serve(cfg, reload_config=reload_config, ready_message=worker == 0, background=worker == 0))
     except (MetaError, SchemaTooNew) as exc:
         sys.exit(f"registry: metadata store ({cfg.meta.driver}): {exc}")
+    except StorageError as exc:  # S3 at start-up: bucket missing, credentials refused, endpoint unreachable
+        sys.exit(f"registry: storage: {exc}")
     except OSError as exc:
         sys.exit(f"registry: cannot listen on {cfg.http.address}:{cfg.http.port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         pass
+    finally:
+        if worker:
+            os._exit(0)
+        _stop_workers(children)
+
+
+def _fork_workers(n: int) -> tuple[list[int], int]:
+    """Fork n-1 worker processes that share the listening port (SO_REUSEPORT);
+    returns (their pids, this process's worker number: 0 for the parent). Only
+    the parent runs background jobs (GC, scrub) and answers SIGHUP."""
+    children = []
+    for number in range(1, n):
+        pid = os.fork()
+        if pid == 0:
+            return [], number
+        children.append(pid)
+    return children, 0
+
+
+def _stop_workers(children: list[int]) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 async def _with_services(cfg: Config, fn):  # type: ignore[no-untyped-def]
     from registry.app import build_services
     from registry.meta.factory import open_meta
-    from registry.storage.factory import make_storage
-    async with open_meta(cfg) as meta:
-        return await fn(build_services(cfg, meta, make_storage(cfg)))
+    from registry.storage.factory import storage_context
+    async with open_meta(cfg) as meta, storage_context(cfg) as storage:
+        return await fn(build_services(cfg, meta, storage))
 
 
 def _run_with_services(cfg: Config, fn):  # type: ignore[no-untyped-def]
     """_with_services to completion; an unreachable or too new metadata store is a one-line error."""
     from registry.meta.base import MetaError
     from registry.meta.migrate import SchemaTooNew
+    from registry.storage.base import StorageError
     try:
         return asyncio.run(_with_services(cfg, fn))
     except (MetaError, SchemaTooNew) as exc:
         sys.exit(f"registry: metadata store ({cfg.meta.driver}): {exc}")
+    except StorageError as exc:
+        sys.exit(f"registry: storage: {exc}")
 
 
 def cmd_reindex(args: argparse.Namespace) -> None:
@@ -153,7 +193,8 @@ def cmd_scrub(args: argparse.Namespace) -> None:
         print(json.dumps(out, indent=2))
     else:
         print(_table(("REPOSITORY", "TAG", "STATUS", "AFFECTED BLOB", "ERROR"),
-                     [(r["repository"], r["tag"], r["status"], r["affected_blob"], r["error"]) for r in rows]))
+                     [(r["repository"], r["tag"] or "(untagged)", r["status"], r["affected_blob"], r["error"])
+                      for r in rows]))
         if result is not None:
             print(f"{'quick' if result.quick else 'deep'} scrub: {result.blobs} blobs ({result.bytes} bytes) and "
                   f"{result.manifests} manifests in {result.duration:.1f}s; {len(result.damaged)} damaged")
@@ -210,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="compare the xxh3 recorded at write time instead of rehashing with the digest's algorithm")
     sc.set_defaults(fn=cmd_scrub)
     with_config(sub.add_parser("migrate", help="apply metadata schema migrations")).set_defaults(fn=cmd_migrate)
+    from registry.cli_dedupe import add_commands as add_dedupe_commands  # dedupe, du (issue 5)
+    add_dedupe_commands(sub, with_config)
     c = sub.add_parser("check-config", help="validate a config file and print the effective config")
     c.add_argument("config", nargs="?", help="config file")
     c.set_defaults(fn=cmd_check_config)

@@ -13,9 +13,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "REGISTRY_"
+# REGISTRY_* variables that belong to other programs (containers/image's clients
+# read REGISTRY_AUTH_FILE): never ours, so never an error. Any other unknown
+# REGISTRY_* variable is an error, like an unknown key in the file.
+FOREIGN_ENV = frozenset({"REGISTRY_AUTH_FILE"})
 
 
 class ConfigError(Exception):
@@ -90,6 +94,49 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class StorageDriverConfig:
+    """``storage.storageDriver``: zot passes this map to distribution's s3 driver, so the keys are
+    that driver's (name, region, bucket, regionendpoint, rootdirectory, accesskey, secretkey,
+    forcepathstyle, secure, skipverify, encrypt, keyid, storageclass, chunksize). The camelCase
+    keys after them are this registry's own. An empty ``name`` keeps the blobs on the filesystem."""
+    name: str = key("name", default="")
+    region: str = key("region", default="")
+    bucket: str = key("bucket", default="")
+    regionendpoint: str = key("regionendpoint", default="")  # endpoint URL of an S3-compatible store
+    rootdirectory: str = key("rootdirectory", default="")  # key prefix inside the bucket
+    # Both empty: botocore's default chain (environment, AWS_PROFILE, web identity/IRSA, instance role).
+    accesskey: str = key("accesskey", default="")
+    secretkey: str = key("secretkey", default="")
+    forcepathstyle: bool = key("forcepathstyle", default=False)
+    secure: bool = key("secure", default=True)  # https when regionendpoint names no scheme
+    skipverify: bool = key("skipverify", default=False)  # do not verify the endpoint's TLS certificate
+    encrypt: bool = key("encrypt", default=False)  # server-side encryption: AES256, or aws:kms with keyid
+    keyid: str = key("keyid", default="")
+    storageclass: str = key("storageclass", default="STANDARD")  # NONE: send no storage class
+    chunksize: Size = key("chunksize", default=Size(16 << 20))  # multipart part size (5MiB minimum)
+    # Our own.
+    part_concurrency: int = key("partConcurrency", default=4)  # parts of one upload in flight at once
+    connect_timeout: Duration = key("connectTimeout", default=Duration(10))
+    read_timeout: Duration = key("readTimeout", default=Duration(60))
+    max_pool_connections: int = key("maxPoolConnections", default=32)
+    max_attempts: int = key("maxAttempts", default=5)  # per request, with backoff (botocore standard mode)
+    redirect: bool = key("redirect", default=False)  # GET of a blob answers 307 to a presigned URL
+    redirect_expiry: Duration = key("redirectExpiry", default=Duration(1200))
+    spool_directory: str = key("spoolDirectory", default="")  # default <rootDirectory>/_spool
+    cache_directory: str = key("cacheDirectory", default="")  # local read cache of hot blobs
+    cache_size: Size = key("cacheSize", default=Size(0))  # bytes; 0 turns the cache off
+
+
+@dataclass(frozen=True)
+class SubPathConfig:
+    """One entry of zot's ``storage.subPaths``: repositories under this name prefix live elsewhere."""
+    root_directory: str = key("rootDirectory", default="")
+    dedupe: bool = key("dedupe", default=True)
+    commit: bool = key("commit", default=True)
+    storage_driver: StorageDriverConfig = key("storageDriver", default_factory=StorageDriverConfig)
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     root_directory: str = key("rootDirectory", default="./data")
     dedupe: bool = key("dedupe", default=True)
@@ -100,6 +147,12 @@ class StorageConfig:
     gc_interval: Duration = key("gcInterval", default=Duration(86400))
     # Our own: untagged manifests nothing refers to are collected after gcDelay; false keeps them.
     gc_delete_untagged: bool = key("gcDeleteUntagged", default=True)
+    # Our own: read/copy pacing of the background dedupe walk (after dedupe is turned on or off); 0 = unpaced.
+    dedupe_bytes_per_second: Size = key("dedupeBytesPerSecond", default=Size(0))
+    # zot's spelling: a remote store for the blobs (see StorageDriverConfig), and repository-name
+    # prefixes kept on other roots or drivers ({"/team-a": {"rootDirectory": ...}}).
+    storage_driver: "StorageDriverConfig" = key("storageDriver", default_factory=lambda: StorageDriverConfig())
+    sub_paths: "dict[str, SubPathConfig]" = key("subPaths", default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -236,6 +289,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"http.tls: cert {cfg.http.tls.cert!r} and key {cfg.http.tls.key!r} "
                           "(expected both or neither)")
     _validate_ops(cfg)
+    _validate_storage_drivers(cfg)
 
 
 _LOG_FORMATS = ("json", "text", "auto")
@@ -258,12 +312,72 @@ def _validate_ops(cfg: Config) -> None:
                               "outside /v2 and other than /healthz and /readyz)")
     if m.max_repositories < 1:
         raise ConfigError(f"extensions.metrics.maxRepositories: {m.max_repositories} (expected 1 or more)")
+    if cfg.storage.dedupe_bytes_per_second < 0:
+        raise ConfigError(f"storage.dedupeBytesPerSecond: {int(cfg.storage.dedupe_bytes_per_second)} "
+                          "(expected a rate such as 50MiB, or 0 for unpaced)")
     s = cfg.extensions.scrub
     if s.interval <= 0:
         raise ConfigError(f"extensions.scrub.interval: {float(s.interval)} (expected a duration above 0s)")
     if s.bytes_per_second < 0:
         raise ConfigError(f"extensions.scrub.bytesPerSecond: {int(s.bytes_per_second)} "
                           "(expected a rate such as 50MiB, or 0 for unpaced)")
+
+
+_DRIVERS = ("", "filesystem", "s3")
+MIN_PART_SIZE = 5 << 20  # S3's minimum size of a multipart part (all but the last)
+
+
+def _validate_driver(d: StorageDriverConfig, where: str) -> None:
+    """storage.storageDriver and each subPaths entry's storageDriver (issue 4)."""
+    if d.name.lower() not in _DRIVERS:
+        raise ConfigError(f"{where}.name: {d.name!r} (expected s3, or empty for the filesystem)")
+    if d.name.lower() != "s3":
+        return
+    for name, value in (("bucket", d.bucket), ("region", d.region)):
+        if not value:
+            raise ConfigError(f"{where}.{name}: missing (required by the s3 driver)")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", d.bucket):
+        raise ConfigError(f"{where}.bucket: {d.bucket!r} is not a bucket name (expected 3-63 of a-z 0-9 . -)")
+    if d.regionendpoint and not re.fullmatch(r"(https?://)?[A-Za-z0-9.\-\[\]:]+(/.*)?", d.regionendpoint):
+        raise ConfigError(f"{where}.regionendpoint: {d.regionendpoint!r} (expected a URL such as "
+                          "https://s3.example.com or http://127.0.0.1:9000)")
+    if d.rootdirectory.strip("/") != d.rootdirectory.strip("/").strip() or ".." in d.rootdirectory.split("/"):
+        raise ConfigError(f"{where}.rootdirectory: {d.rootdirectory!r} (expected a key prefix such as registry/v1)")
+    if bool(d.accesskey) != bool(d.secretkey):
+        raise ConfigError(f"{where}.accesskey/secretkey: set both, or neither for botocore's default credential "
+                          "chain")
+    if d.keyid and not d.encrypt:
+        raise ConfigError(f"{where}.keyid: set but encrypt is false (expected encrypt: true for aws:kms)")
+    if d.chunksize < MIN_PART_SIZE:
+        raise ConfigError(f"{where}.chunksize: {int(d.chunksize)} bytes is below S3's multipart minimum "
+                          f"(expected at least 5MiB)")
+    if d.chunksize > 5 << 30:
+        raise ConfigError(f"{where}.chunksize: {int(d.chunksize)} bytes is above S3's part maximum (5GiB)")
+    for name, n in (("partConcurrency", d.part_concurrency), ("maxPoolConnections", d.max_pool_connections),
+                    ("maxAttempts", d.max_attempts)):
+        if n < 1:
+            raise ConfigError(f"{where}.{name}: {n} (expected 1 or more)")
+    for name, t in (("connectTimeout", d.connect_timeout), ("readTimeout", d.read_timeout),
+                    ("redirectExpiry", d.redirect_expiry)):
+        if t <= 0:
+            raise ConfigError(f"{where}.{name}: {float(t)} (expected a duration above 0s)")
+    if d.redirect_expiry > 7 * 86400:
+        raise ConfigError(f"{where}.redirectExpiry: {float(d.redirect_expiry)}s (presigned URLs last at most 7d)")
+    if d.cache_size < 0 or (d.cache_size and not d.cache_directory):
+        raise ConfigError(f"{where}.cacheSize: {int(d.cache_size)} (expected 0, or a size with cacheDirectory set)")
+
+
+def _validate_storage_drivers(cfg: Config) -> None:
+    _validate_driver(cfg.storage.storage_driver, "storage.storageDriver")
+    for prefix, sub in cfg.storage.sub_paths.items():
+        where = f"storage.subPaths.{prefix}"
+        name = prefix.strip("/")
+        if not prefix.startswith("/") or not re.fullmatch(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                                                          r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*", name):
+            raise ConfigError(f"{where}: expected a repository name prefix such as /team-a")
+        _validate_driver(sub.storage_driver, f"{where}.storageDriver")
+        if sub.storage_driver.name.lower() != "s3" and not sub.root_directory:
+            raise ConfigError(f"{where}.rootDirectory: missing (a filesystem subpath needs its own directory)")
 
 
 def _keyed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -284,7 +398,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         out[f.metadata["key"]] = to_dict(value) if dataclasses.is_dataclass(value) else (
-            float(value) if isinstance(value, Duration) else int(value) if isinstance(value, Size) else value)
+            float(value) if isinstance(value, Duration) else int(value) if isinstance(value, Size) else
+            {k: to_dict(v) for k, v in value.items()} if isinstance(value, dict) else value)
     return out
 
 
@@ -312,6 +427,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
+    if get_origin(tp) is dict:  # a map of named sections (storage.subPaths)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: {value!r} is not valid (expected a mapping)")
+        return {str(k): _build(get_args(tp)[1], {} if v is None else v, f"{path}.{k}") for k, v in value.items()}
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -360,7 +479,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """REGISTRY_STORAGE_GCDELAY=2h -> {"storage": {"gcDelay": "2h"}}; keys match case-insensitively."""
     out: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in FOREIGN_ENV:
             continue
         parts = name[len(ENV_PREFIX):].lower().split("_")
         cls: Any = Config

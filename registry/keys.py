@@ -28,9 +28,13 @@ class Services:
 
 
 CONFIG = web.AppKey("config", Config)
+BACKGROUND = web.AppKey("background", bool)  # this process runs GC and scrub on their intervals
 SERVICES = web.AppKey("services", Services)
 # Issue 8: the per-app metrics registry (absent when extensions.metrics.enable is off), the request
 # middleware's state (requests in flight), and the settings SIGHUP may change (gc, scrub).
 METRICS = web.AppKey("metrics", Metrics)
 OBSERVER = web.AppKey("observer", Observer)
 TUNABLES = web.AppKey("tunables", Tunables)
+# Issue 4: the storage (filesystem, S3, or a router over subPaths), opened and closed in its own
+# cleanup context, before the services and after them.
+STORAGE = web.AppKey("storage", Storage)

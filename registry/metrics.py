@@ -82,6 +82,10 @@ class StoreCollector(Collector):
     def __init__(self, dedupe: bool):
         self.dedupe = dedupe
         self.counts: Any = None
+        # Issue 5: the measured usage (maintenance/usage.py UsageCache), when the app set one up;
+        # per-repository series for at most ``repository_cap`` names (0: none).
+        self.usage: Any = None
+        self.repository_cap = 0
 
     def collect(self) -> Iterable[Metric]:
         c = self.counts
@@ -98,10 +102,41 @@ class StoreCollector(Collector):
              "Bytes of blobs and manifests as clients see them: counted once per repository holding them.",
              c.logical_bytes),
             ("registry_storage_physical_bytes",
-             "Bytes of blobs and manifests stored: each digest once when storage.dedupe is on.",
-             c.unique_bytes if self.dedupe else c.logical_bytes),
+             "Bytes of blobs and manifests stored on disk: each distinct file (inode) once.",
+             self._physical(c)),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        yield from self._per_repository()
+
+    def _physical(self, c: Any) -> int:
+        u = self.usage.latest if self.usage is not None else None
+        if u is not None:
+            return int(u.physical_bytes)
+        return c.unique_bytes if self.dedupe else c.logical_bytes
+
+    def _per_repository(self) -> Iterable[Metric]:
+        """Opt-in (extensions.metrics.repositoryLabels): the largest repositories by logical
+        bytes, at most maxRepositories of them; the rest are summed under _other."""
+        u = self.usage.latest if self.usage is not None else None
+        if u is None or self.repository_cap <= 0:
+            return
+        doc = f" (opt-in: repositoryLabels; beyond maxRepositories, summed under {OTHER_REPOSITORY})."
+        logical = GaugeMetricFamily("registry_repository_storage_logical_bytes",
+                                    "Bytes of the blobs and manifests a repository holds" + doc,
+                                    labels=["repository"])
+        physical = GaugeMetricFamily("registry_repository_storage_physical_bytes",
+                                     "Bytes of the distinct files (inodes) a repository's content uses, "
+                                     "shared ones included" + doc, labels=["repository"])
+        ranked = sorted(u.repositories, key=lambda r: (-r.logical_bytes, r.repository))
+        for r in ranked[:self.repository_cap]:
+            logical.add_metric([r.repository], r.logical_bytes)
+            physical.add_metric([r.repository], r.physical_bytes)
+        rest = ranked[self.repository_cap:]
+        if rest:
+            logical.add_metric([OTHER_REPOSITORY], sum(r.logical_bytes for r in rest))
+            physical.add_metric([OTHER_REPOSITORY], sum(r.physical_bytes for r in rest))
+        yield logical
+        yield physical
 
 
 class Metrics(Collector):
@@ -124,6 +159,7 @@ class Metrics(Collector):
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self.store = StoreCollector(cfg.storage.dedupe)
+        self.store.repository_cap = mc.max_repositories if mc.repository_labels else 0
         r.register(self.store)
         self._counts_at = 0.0
         self._counts_lock = asyncio.Lock()
@@ -225,6 +261,11 @@ class Metrics(Collector):
             try:
                 self.store.counts = await counts()
                 self._counts_at = now
+                if self.store.usage is not None:  # issue 5: physical bytes measured on disk
+                    try:
+                        await self.store.usage.refresh()
+                    except Exception as exc:  # the last measure (or the estimate from counts) stands
+                        log.warning("metrics: measuring storage usage failed: %s", exc)
             except Exception as exc:  # report in the log; the scrape goes on without these series
                 self.store.counts = None
                 log.warning("metrics: reading counts from the metadata store failed: %s", exc)

@@ -50,20 +50,24 @@ def _on_reload(app: web.Application, running: list[Config], reload_config: Calla
 
 
 async def serve(cfg: Config, *, ready_message: bool = True,
-                reload_config: Callable[[], Config] | None = None) -> None:
+                reload_config: Callable[[], Config] | None = None, background: bool = True) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting, let requests in flight finish within
     http.shutdownTimeout (then cancel them), and run the app's cleanup. A second signal exits
     at once. SIGHUP calls ``reload_config`` (which re-reads the file the server started with)."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="io"))
-    app = create_app(cfg)
+    app = create_app(cfg, background=background)
     timeout = float(cfg.http.shutdown_timeout)
     # aiohttp's own graceful shutdown stops reading from every connection at once, so an upload
     # in flight could never finish: the requests in flight are drained first (see below), and
     # aiohttp's shutdown only gets a short grace for responses still being written.
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=min(timeout, SHUTDOWN_GRACE), read_bufsize=READ_BUFSIZE)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:  # a cleanup context failed to start: close the ones that did (storage...)
+        await runner.cleanup()
+        raise
     try:
         site = web.TCPSite(runner, cfg.http.address, cfg.http.port, ssl_context=_ssl_context(cfg),
                            reuse_port=cfg.http.workers > 1, backlog=1024)

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from registry.app import create_app
 from tests.pg import pg_dsn, pg_schema  # noqa: F401  (fixtures)
+from tests.s3 import moto_endpoint, s3  # noqa: F401  (fixtures)
 from registry.config import Config, load
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -28,9 +29,14 @@ def make_config(root: Path, **sections: Any) -> Config:
     return cfg.replace(**sections) if sections else cfg
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "s3"])
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
-    """Every API test runs on the embedded default and on PostgreSQL."""
+    """Every API test runs on the embedded default, on PostgreSQL, and on S3 (a moto server;
+    SQLite metadata): see tests/s3.py. 5 MiB parts, so multi-MiB pushes cross part boundaries."""
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3")
+        return make_config(tmp_path / "data", storage={"commit": False,
+                                                       "storage_driver": s3.driver(chunksize=5 << 20)})
     if request.param == "postgres":
         dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
         return make_config(tmp_path / "data", storage={"commit": False},

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from registry.errors import RegistryError
 
+from registry.api.blob_stream import serve_remote
 from registry.api.common import path_digest, repo_name, services
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         headers["Content-Length"] = str(size)
         return web.Response(headers=headers)
     path = svc.blobs.local_path(repo, digest)
-    assert path is not None, "only local storage is wired for now"
+    if path is None:  # a remote store (S3): streamed with Range, from the local cache, or redirected
+        return await serve_remote(request, svc, repo, digest, size, headers)
     if size <= SMALL_BLOB and "Range" not in request.headers:
         data = _read_small(str(path), size)
         if data is not None:

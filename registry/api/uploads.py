@@ -18,6 +18,17 @@ def _session_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
             "Range": f"0-{max(size - 1, 0)}", "Content-Length": "0"}
 
 
+def _chunk_min(request: web.Request, repo: str, headers: dict[str, str]) -> dict[str, str]:
+    """OCI-Chunk-Min-Length (distribution-spec 1.1): on S3, a chunk below one multipart part
+    costs a round through the local spool and the bucket; ask clients for parts."""
+    storage = services(request).storage
+    per_repo = getattr(storage, "chunk_min_length_for", None)
+    n = per_repo(repo) if per_repo is not None else getattr(storage, "chunk_min_length", None)
+    if n:
+        headers["OCI-Chunk-Min-Length"] = str(n)
+    return headers
+
+
 def _created(repo: str, digest: str) -> web.Response:
     return web.Response(status=201, headers={"Location": f"/v2/{repo}/blobs/{digest}",
                                              "Docker-Content-Digest": digest, "Content-Length": "0"})
@@ -39,7 +50,7 @@ async def start_upload(request: web.Request) -> web.Response:
         await svc.uploads.monolithic(repo, digest, body_chunks(request))
         return _created(repo, str(digest))
     up = await svc.uploads.start(repo)
-    return web.Response(status=202, headers=_session_headers(repo, up.id, 0))
+    return web.Response(status=202, headers=_chunk_min(request, repo, _session_headers(repo, up.id, 0)))
 
 
 def _content_range(request: web.Request) -> int | None:
@@ -61,7 +72,7 @@ async def patch_upload(request: web.Request) -> web.Response:
     repo, upload_id = repo_name(request), request.match_info["upload"]
     start = _content_range(request)
     up = await services(request).uploads.patch(repo, upload_id, body_chunks(request), start)
-    return web.Response(status=202, headers=_session_headers(repo, up.id, up.size))
+    return web.Response(status=202, headers=_chunk_min(request, repo, _session_headers(repo, up.id, up.size)))
 
 
 async def finish_upload(request: web.Request) -> web.Response:
@@ -75,7 +86,7 @@ async def finish_upload(request: web.Request) -> web.Response:
 async def upload_status(request: web.Request) -> web.Response:
     repo, upload_id = repo_name(request), request.match_info["upload"]
     up = await services(request).uploads.get(repo, upload_id)
-    return web.Response(status=204, headers=_session_headers(repo, up.id, up.size))
+    return web.Response(status=204, headers=_chunk_min(request, repo, _session_headers(repo, up.id, up.size)))
 
 
 async def cancel_upload(request: web.Request) -> web.Response:

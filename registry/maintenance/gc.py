@@ -11,16 +11,18 @@ overlap, across replicas included (the "gc" lock).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from registry.digest import parse_digest
 from registry.keys import Services
 from registry.meta.base import Candidate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 BATCH = 500
 MAX_ROUNDS = 16  # an index, its children, their blobs, referrers of each: a few rounds suffice
 REPORT_LIMIT = 10000  # deleted items listed in a result (the counts are always complete)
@@ -71,12 +73,30 @@ async def _round(svc: Services, result: GCResult, now: float, delete_untagged: b
             return deleted_here
         last = batch[-1]
         after = (last.review_after, last.repo, last.kind, last.digest)
-        deleted = await svc.meta.gc_collect(batch, now, delete_untagged, dry_run)
-        result.reviewed += len(batch)
+        deleted = await _uninterrupted(_collect_batch(svc, result, batch, now, delete_untagged, dry_run))
         deleted_here += len(deleted)
-        await _remove(svc, result, deleted, dry_run)
         if progress:
             progress(result.reviewed, max(total, result.reviewed))
+
+
+async def _uninterrupted(coro: Awaitable[T]) -> T:
+    """Run ``coro`` to its end even when the caller is cancelled (the scheduler stopping
+    at shutdown), then let the cancellation through: rows a batch deleted must not
+    leave their files behind."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def _collect_batch(svc: Services, result: GCResult, batch: list[Candidate], now: float,
+                         delete_untagged: bool, dry_run: bool) -> list[Candidate]:
+    deleted = await svc.meta.gc_collect(batch, now, delete_untagged, dry_run)
+    result.reviewed += len(batch)
+    await _remove(svc, result, deleted, dry_run)
+    return deleted
 
 
 async def _remove(svc: Services, result: GCResult, deleted: list[Candidate], dry_run: bool) -> None:

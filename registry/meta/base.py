@@ -157,8 +157,13 @@ class MetaStore(Protocol):
     # upload sessions
     async def upload_create(self, upload_id: str, repo: str) -> None: ...
     async def upload_get(self, upload_id: str) -> Upload | None: ...
-    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
-        """Compare-and-set the received length; False when another writer moved it."""
+    async def upload_lease(self, upload_id: str, size: int, writer: str, until: float, now: float) -> bool:
+        """Take (or renew) the right to write: only while the upload holds ``size``
+        bytes and no other writer's lease runs."""
+    async def upload_set_size(self, upload_id: str, old: int, new: int, writer: str | None = None) -> bool:
+        """Compare-and-set the received length (and, with ``writer``, only while
+        that writer holds the lease, which this gives back); False when another
+        writer moved it."""
     async def upload_delete(self, upload_id: str) -> bool: ...
     async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
         """Sessions not written to since ``before``."""
@@ -185,6 +190,8 @@ class MetaStore(Protocol):
     async def scrub_state(self) -> ScrubState: ...
     async def scrub_save(self, state: ScrubState) -> None: ...
     async def scrub_reach(self, repo: str | None = None) -> list[Reach]: ...
+    async def scrub_damaged(self, repo: str | None = None) -> list[Reach]:
+        """Every blob and manifest row the last scrub found damaged (``tag`` is ""), by (repo, kind, digest)."""
 
     # operations (issue 8)
     async def counts(self) -> "Counts":

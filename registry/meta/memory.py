@@ -11,6 +11,8 @@ from typing import AsyncIterator
 from registry.meta.base import (NEVER, BadReferences, BlobStat, Candidate, LayoutEntry, Manifest, Reach, ScrubItem,
                                 ScrubState, Upload)
 
+from registry.meta.memory_dedupe import MemoryDedupe
+
 
 @dataclass
 class _Repo:
@@ -24,11 +26,12 @@ class _Repo:
     damaged: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, digest) -> finding
 
 
-class MemoryMeta:
+class MemoryMeta(MemoryDedupe):
     def __init__(self) -> None:
         self._repos: dict[str, _Repo] = {}
         self._uploads: dict[str, Upload] = {}
         self._checksums: dict[str, str] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # upload id -> (writer, until)
         self._scrub = ScrubState(None, None, None)
 
     async def open(self) -> None:
@@ -221,10 +224,23 @@ class MemoryMeta:
     async def upload_get(self, upload_id: str) -> Upload | None:
         return self._uploads.get(upload_id)
 
-    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
+    async def upload_lease(self, upload_id: str, size: int, writer: str, until: float, now: float) -> bool:
+        up = self._uploads.get(upload_id)
+        if up is None or up.size != size:
+            return False
+        held = self._leases.get(upload_id)
+        if held is not None and held[0] != writer and held[1] >= now:
+            return False
+        self._leases[upload_id] = (writer, until)
+        return True
+
+    async def upload_set_size(self, upload_id: str, old: int, new: int, writer: str | None = None) -> bool:
         up = self._uploads.get(upload_id)
         if up is None or up.size != old:
             return False
+        if writer is not None and self._leases.get(upload_id, (None, 0.0))[0] != writer:
+            return False
+        self._leases.pop(upload_id, None)
         self._uploads[upload_id] = Upload(up.id, up.repo, new, up.created_at, time.time())
         return True
 
@@ -317,6 +333,11 @@ class MemoryMeta:
 
     async def scrub_save(self, state: ScrubState) -> None:
         self._scrub = state
+
+    async def scrub_damaged(self, repo: str | None = None) -> list[Reach]:
+        return sorted((Reach(name, "", kind, d, why) for name, r in self._repos.items()
+                       if repo is None or name == repo for (kind, d), why in r.damaged.items()),
+                      key=lambda x: (x.repo, x.kind, x.digest))
 
     async def scrub_reach(self, repo: str | None = None) -> list[Reach]:
         out: set[Reach] = set()

@@ -21,6 +21,7 @@ from registry.meta import migrate
 from registry.meta.base import NEVER, BadReferences, BlobStat, LayoutEntry, Manifest, MetaError, Upload
 from registry.meta.postgres_gc import PostgresGC
 from registry.meta.postgres_scrub import PostgresScrub
+from registry.meta.postgres_dedupe import PostgresDedupe
 
 MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
 _MANIFEST_COLS = ("m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations, "
@@ -59,7 +60,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if isinstance(exc, asyncpg.InterfaceError) else "")
 
 
-class PostgresMeta(PostgresGC, PostgresScrub):
+class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
@@ -124,6 +125,8 @@ class PostgresMeta(PostgresGC, PostgresScrub):
         except _TRANSIENT as exc:
             raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
         try:
+            # Scoped by schema: advisory locks are database-wide, a store is a schema.
+            name = f"{self.cfg.schema}/{name}"
             await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", name)
             try:
                 yield
@@ -288,9 +291,16 @@ class PostgresMeta(PostgresGC, PostgresScrub):
         row = await self._row("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE id = $1", upload_id)
         return Upload(*row) if row else None
 
-    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
-        status = await self._call("execute", "UPDATE uploads SET size = $3, updated_at = $4 WHERE id = $1 "
-                                  "AND size = $2", upload_id, old, new, time.time())
+    async def upload_lease(self, upload_id: str, size: int, writer: str, until: float, now: float) -> bool:
+        status = await self._call("execute", "UPDATE uploads SET writer = $3, lease_until = $4 WHERE id = $1 "
+                                  "AND size = $2 AND (writer IS NULL OR writer = $3 OR lease_until < $5)",
+                                  upload_id, size, writer, until, now)
+        return status.endswith(" 1")
+
+    async def upload_set_size(self, upload_id: str, old: int, new: int, writer: str | None = None) -> bool:
+        status = await self._call("execute", "UPDATE uploads SET size = $3, updated_at = $4, writer = NULL, "
+                                  "lease_until = NULL WHERE id = $1 AND size = $2 "
+                                  "AND ($5::text IS NULL OR writer = $5)", upload_id, old, new, time.time(), writer)
         return status.endswith(" 1")
 
     async def upload_delete(self, upload_id: str) -> bool:

@@ -1,14 +1,25 @@
-"""PostgreSQL: what GC and /metrics need. A GC batch is one call of
-registry_gc_collect (migration 0002), which locks each candidate with
-FOR UPDATE SKIP LOCKED and re-checks it before deleting."""
+"""PostgreSQL: what GC and /metrics need. registry_gc_collect (migration 0002)
+locks each candidate with FOR UPDATE SKIP LOCKED and re-checks it before
+deleting it or taking it out of the queue, all in one transaction per call.
+
+A transaction spanning a whole batch of deletions would hold the manifests it
+deleted, the rows it requeued and their repository's row until the batch ends,
+stalling pushes and deadlocking with them (each deadlock costs
+deadlock_timeout, 1s by default). So a batch is first re-checked without
+changes (a dry run: it only reads and locks its own candidates, never waits);
+the rows found in use are then marked in one call, which never waits either;
+each row to delete goes in a transaction of its own, a few at a time.
+"""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 from registry.meta.base import Candidate, Counts, Upload
 
 
 class PostgresGC:
+    cfg: Any  # PostgresConfig
     _rows: Callable[..., Awaitable[list[Any]]]
     _row: Callable[..., Awaitable[Any]]
 
@@ -28,10 +39,27 @@ class PostgresGC:
                          dry_run: bool = False) -> list[Candidate]:
         if not batch:
             return []
-        rows = await self._rows("SELECT registry_gc_collect($1, $2, $3, $4, $5, $6)",
-                                [c.repo for c in batch], [c.kind for c in batch], [c.digest for c in batch],
-                                now, delete_untagged, dry_run)
-        return [batch[r[0] - 1] for r in rows]
+
+        async def call(cs: list[Candidate], dry: bool) -> list[Candidate]:
+            rows = await self._rows("SELECT registry_gc_collect($1, $2, $3, $4, $5, $6)",
+                                    [c.repo for c in cs], [c.kind for c in cs], [c.digest for c in cs],
+                                    now, delete_untagged, dry)
+            return [cs[r[0] - 1] for r in rows]
+        doomed = await call(batch, True)
+        if dry_run:
+            return doomed
+        unused = set(doomed)
+        kept = [c for c in batch if c not in unused]
+        # In use: out of the queue in one call (a row that lost its last user since the
+        # dry run is deleted there, in a transaction that may then hold a little longer).
+        deleted = await call(kept, False) if kept else []
+        lanes = asyncio.Semaphore(max(1, min(4, self.cfg.pool_size // 2)))
+
+        async def one(c: Candidate) -> bool:
+            async with lanes:
+                return bool(await call([c], False))
+        gone = await asyncio.gather(*(one(c) for c in doomed))
+        return deleted + [c for c, g in zip(doomed, gone) if g]
 
     async def gc_pending(self, now: float) -> int:
         row = await self._row("SELECT (SELECT count(*) FROM repo_blobs WHERE review_after <= $1) + "

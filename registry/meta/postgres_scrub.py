@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from registry.meta.base import Reach, ScrubItem, ScrubState
-from registry.meta.sqlite_scrub import REACH_SQL
+from registry.meta.sqlite_scrub import DAMAGED_SQL, REACH_SQL
 
 _TABLE = {"blob": "repo_blobs", "manifest": "manifests"}
 
@@ -53,6 +53,10 @@ class PostgresScrub:
             "cursor_kind = excluded.cursor_kind, cursor_digest = excluded.cursor_digest, "
             "pass_started = excluded.pass_started, last_complete = excluded.last_complete",
             *c, state.pass_started, state.last_complete)
+
+    async def scrub_damaged(self, repo: str | None = None) -> list[Reach]:
+        rows = await self._rows(DAMAGED_SQL.replace("$1", "$1::text"), repo)
+        return [Reach(*r) for r in rows]
 
     async def scrub_reach(self, repo: str | None = None) -> list[Reach]:
         if repo is None:

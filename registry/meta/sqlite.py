@@ -26,6 +26,7 @@ from registry.meta import migrate
 from registry.meta.base import NEVER, BadReferences, BlobStat, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
 from registry.meta.sqlite_gc import SQLiteGC, bump_layout, delete_manifest, requeue
 from registry.meta.sqlite_scrub import SQLiteScrub
+from registry.meta.sqlite_dedupe import SQLiteDedupe
 
 T = TypeVar("T")
 MAX_BATCH = 512
@@ -50,7 +51,7 @@ def _repo_id(conn: sqlite3.Connection, repo: str, create: bool) -> int | None:
                         (repo, time.time())).lastrowid
 
 
-class SQLiteMeta(SQLiteGC, SQLiteScrub):
+class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe):
     def __init__(self, path: str | Path, *, durable: bool = True):
         self.path = Path(path)
         self.durable = durable
@@ -356,10 +357,17 @@ class SQLiteMeta(SQLiteGC, SQLiteScrub):
         rows = self._read("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE id = ?", (upload_id,))
         return Upload(*rows[0]) if rows else None
 
-    async def upload_set_size(self, upload_id: str, old: int, new: int) -> bool:
+    async def upload_lease(self, upload_id: str, size: int, writer: str, until: float, now: float) -> bool:
         return await self._write(lambda conn: conn.execute(
-            "UPDATE uploads SET size = ?, updated_at = ? WHERE id = ? AND size = ?",
-            (new, time.time(), upload_id, old)).rowcount > 0)
+            "UPDATE uploads SET writer = ?, lease_until = ? WHERE id = ? AND size = ? "
+            "AND (writer IS NULL OR writer = ? OR lease_until < ?)",
+            (writer, until, upload_id, size, writer, now)).rowcount > 0)
+
+    async def upload_set_size(self, upload_id: str, old: int, new: int, writer: str | None = None) -> bool:
+        return await self._write(lambda conn: conn.execute(
+            "UPDATE uploads SET size = ?, updated_at = ?, writer = NULL, lease_until = NULL "
+            "WHERE id = ? AND size = ? AND (? IS NULL OR writer = ?)",
+            (new, time.time(), upload_id, old, writer, writer)).rowcount > 0)
 
     async def upload_delete(self, upload_id: str) -> bool:
         return await self._write(lambda conn: conn.execute(

@@ -27,6 +27,16 @@ LEFT JOIN manifests m ON r.kind = 'manifest' AND m.repo_id = r.repo_id AND m.dig
 ORDER BY 1, 2, 3, 4
 """
 
+# Damaged rows (the partial indexes on damaged IS NOT NULL): what no tag reaches is reported too.
+DAMAGED_SQL = """
+SELECT r.name, '', 'blob', b.digest, b.damaged FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id
+WHERE b.damaged IS NOT NULL AND ($1 IS NULL OR r.name = $1)
+UNION ALL
+SELECT r.name, '', 'manifest', m.digest, m.damaged FROM manifests m JOIN repositories r ON r.id = m.repo_id
+WHERE m.damaged IS NOT NULL AND ($1 IS NULL OR r.name = $1)
+ORDER BY 1, 3, 4
+"""
+
 
 class SQLiteScrub:
     _read: Callable[..., list[tuple[Any, ...]]]
@@ -72,6 +82,10 @@ class SQLiteScrub:
             "cursor_kind = excluded.cursor_kind, cursor_digest = excluded.cursor_digest, "
             "pass_started = excluded.pass_started, last_complete = excluded.last_complete",
             (*c, state.pass_started, state.last_complete)) and None)
+
+    async def scrub_damaged(self, repo: str | None = None) -> list[Reach]:
+        rows = self._read(DAMAGED_SQL.replace("$1", "?"), (repo, repo, repo, repo))
+        return [Reach(*r) for r in rows]
 
     async def scrub_reach(self, repo: str | None = None) -> list[Reach]:
         where = "WHERE t.repo_id = (SELECT id FROM repositories WHERE name = ?)" if repo is not None else ""

@@ -17,6 +17,7 @@ from registry.digest import Digest
 from registry.errors import RegistryError
 from registry.meta.base import NEVER, MetaStore
 from registry.reference import NAME_RE
+from registry.services.dedupe import link_blob, place_upload
 from registry.services.layout import Layout
 from registry.storage.base import NotFound, Storage
 
@@ -75,8 +76,14 @@ class Blobs:
         await self.meta.touch(repo, kind, digest, now + delay * 1.5)
         return await self.meta.blob_size(repo, digest) is not None
 
+    def key(self, repo: str, digest: Digest) -> str:
+        """Where the storage keeps ``repo``'s copy of a blob: on a store with shared blobs
+        (S3 with dedupe) one key per digest for the whole registry."""
+        by_storage = getattr(self.storage, "blob_key", None)
+        return by_storage(repo, digest) if by_storage is not None else blob_key(repo, digest)
+
     def local_path(self, repo: str, digest: Digest) -> Path | None:
-        return self.storage.local_path(blob_key(repo, digest))
+        return self.storage.local_path(self.key(repo, digest))
 
     async def _present(self, repo: str, digest: Digest) -> bool:
         return await self.meta.blob_size(repo, str(digest)) is not None
@@ -87,7 +94,7 @@ class Blobs:
         make sure a concurrent removal did not take the file away meanwhile."""
         await self.meta.blob_link(repo, str(digest), size, self.review_after(), checksum)
         try:
-            await self.storage.stat(blob_key(repo, digest))
+            await self.storage.stat(self.key(repo, digest))
         except NotFound:
             await place()
 
@@ -99,7 +106,7 @@ class Blobs:
         repair = stat is not None and stat.damaged is not None
 
         async def place() -> None:
-            await self.storage.upload_place(upload_id, blob_key(repo, digest), replace=repair)
+            await place_upload(self, repo, upload_id, digest, size, replace=repair)  # dedupe: a holder's inode
         await place()
         await self.link_placed(repo, digest, size, place, checksum)
         if repair:  # the verified bytes replaced the damaged copy
@@ -119,17 +126,26 @@ class Blobs:
         else:
             holder = await self.meta.blob_holder(str(digest))
             source, size = holder if holder else (None, None)
+            if source is not None:  # the holder named may be a copy scrub found damaged: no source then
+                stat = await self.meta.blob_stat(source, str(digest))
+                size = stat.size if stat is not None and stat.damaged is None else None
         if source is None or size is None:
             return False
         await self.layout.ensure_repo(repo)
 
         async def place() -> None:
-            await self.storage.link(blob_key(source, digest), blob_key(repo, digest))
+            await link_blob(self, digest, size, source, repo)  # dedupe: another good holder if source's is gone
         try:
             await place()
         except NotFound:  # deleted from the source meanwhile
             return False
-        await self.link_placed(repo, digest, size, place)
+        try:
+            await self.link_placed(repo, digest, size, place)
+        except NotFound:  # a shared object went with its last other holder meanwhile: upload instead
+            if await self._stored(self.key(repo, digest)):
+                return True
+            await self.meta.blob_unlink(repo, str(digest))
+            return False
         return True
 
     async def delete(self, repo: str, digest: Digest) -> None:
@@ -138,11 +154,38 @@ class Blobs:
         await self.remove_content(repo, digest)
 
     async def remove_content(self, repo: str, digest: Digest) -> None:
-        """Remove a file whose row is gone, unless a row for it reappeared meanwhile."""
+        """Remove a file whose row is gone, unless a row for it reappeared meanwhile. On a store
+        with shared blobs the one object of the digest goes only when no repository holds it any
+        more; the repository's own key then holds at most a manifest's file."""
+        if getattr(self.storage, "shared_blobs", False):
+            await self._remove_shared(repo, digest)
         key = blob_key(repo, digest)
         aside = await self.storage.set_aside(key)
         if aside is None:
             return
         if await self._present(repo, digest):
+            await self.storage.restore(aside, key)
+        await self.storage.discard(aside)
+
+    async def _stored(self, key: str) -> bool:
+        try:
+            await self.storage.stat(key)
+        except NotFound:
+            return False
+        return True
+
+    async def _remove_shared(self, repo: str, digest: Digest) -> None:
+        """The set-aside/restore protocol of remove_content, for the object every repository
+        shares: a push or mount that links the digest meanwhile either sees the object back
+        (restored here) or finds it missing after linking and places it again (link_placed)."""
+        key = self.key(repo, digest)
+        if key == blob_key(repo, digest):  # this repository's store keeps a copy per repository
+            return
+        if await self.meta.blob_holder(str(digest)) is not None:
+            return
+        aside = await self.storage.set_aside(key)
+        if aside is None:
+            return
+        if await self.meta.blob_holder(str(digest)) is not None:
             await self.storage.restore(aside, key)
         await self.storage.discard(aside)

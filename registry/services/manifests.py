@@ -163,6 +163,7 @@ class Manifests:
         try:
             await self.meta.manifest_put(repo, m, tags, self.blobs.review_after())
         except BadReferences as exc:
+            await self.blobs.remove_content(repo, digest)  # the file written above, unless a row holds it
             if exc.missing:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", {"digests": exc.missing}) from None
             raise RegistryError("MANIFEST_INVALID", {"sizes": exc.wrong_size}) from None

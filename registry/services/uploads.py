@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 import uuid
 from typing import AsyncIterator
 
@@ -19,11 +20,16 @@ import xxhash
 
 from registry.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from registry.errors import RegistryError
-from registry.meta.base import MetaStore, Upload
+from registry.meta.base import MetaError, MetaStore, Upload
 from registry.services.blobs import Blobs
 from registry.storage.base import InvalidOffset, NotFound, Storage, WriteInterrupted
 
 _ID = re.compile(r"[0-9a-f]{32}")
+LEASE = 120.0  # seconds a writer holds an upload without renewing (renewed as bytes arrive)
+
+
+class LeaseLost(ConnectionError):
+    """Raised inside the body stream: the storage driver stops writing and keeps what it wrote."""
 HASH_INLINE = 256 << 10
 MAX_CACHED_HASHERS = 10_000
 
@@ -80,22 +86,60 @@ class Uploads:
         })
 
     async def _append(self, up: Upload, chunks: AsyncIterator[bytes]) -> int:
+        # The lease makes this the only writer of the session, in every process:
+        # a writer that lost a race must not overwrite bytes another recorded.
+        writer = uuid.uuid4().hex
+        now = time.time()
+        try:
+            leased = await self.meta.upload_lease(up.id, up.size, writer, now + LEASE, now)
+        except MetaError:  # it may have been taken all the same, the answer lost
+            await self._give_back(up, writer)
+            raise
+        if not leased:
+            fresh = await self.meta.upload_get(up.id)
+            size = fresh.size if fresh else up.size
+            raise self._range_error(size, "another request is writing this upload" if size == up.size
+                                    else f"the upload holds {size} bytes now")
         cached = self._hashers.pop(up.id, None)
         hashers = cached[0] if cached and cached[1] == up.size else []
         try:
-            size = await self.storage.upload_write(up.id, up.size, chunks, hashers)
+            size = await self.storage.upload_write(up.id, up.size, self._leased(up, writer, chunks), hashers)
         except WriteInterrupted as exc:  # keep what arrived; the client can ask where to resume
-            if await self.meta.upload_set_size(up.id, up.size, exc.size) and hashers:
+            if await self.meta.upload_set_size(up.id, up.size, exc.size, writer) and hashers:
                 self._keep(up.id, hashers, exc.size)
             raise RegistryError("BLOB_UPLOAD_INVALID", "the request body ended early") from None
-        except InvalidOffset as exc:
-            raise RegistryError("BLOB_UPLOAD_INVALID",
-                                f"stored data is {exc.size} bytes, expected {up.size}; restart the upload") from None
-        if not await self.meta.upload_set_size(up.id, up.size, size):
+        except BaseException as exc:
+            await asyncio.shield(self.meta.upload_set_size(up.id, up.size, up.size, writer))  # give the lease back
+            if isinstance(exc, InvalidOffset):
+                raise RegistryError("BLOB_UPLOAD_INVALID", f"stored data is {exc.size} bytes, expected "
+                                    f"{up.size}; restart the upload") from None
+            raise
+        try:
+            recorded = await self.meta.upload_set_size(up.id, up.size, size, writer)
+        except MetaError:  # not acknowledged; without the lease back, retries wait out LEASE
+            await self._give_back(up, writer)
+            raise
+        if not recorded:
             raise self._range_error(size, "the upload was changed concurrently")
         if hashers:
             self._keep(up.id, hashers, size)
         return size
+
+    async def _give_back(self, up: Upload, writer: str) -> None:
+        """Release the lease after the database failed under a write, if it answers again."""
+        with contextlib.suppress(MetaError):
+            await asyncio.shield(self.meta.upload_set_size(up.id, up.size, up.size, writer))
+
+    async def _leased(self, up: Upload, writer: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass chunks through, renewing the lease as they flow; stop if it was lost."""
+        renewed = time.monotonic()
+        async for chunk in chunks:
+            if time.monotonic() - renewed > LEASE / 3:
+                now = time.time()
+                if not await self.meta.upload_lease(up.id, up.size, writer, now + LEASE, now):
+                    raise LeaseLost("the upload's write lease was lost")
+                renewed = time.monotonic()
+            yield chunk
 
     async def patch(self, repo: str, upload_id: str, chunks: AsyncIterator[bytes],
                     start: int | None) -> Upload:

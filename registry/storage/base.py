@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Protocol
 
-from registry.digest import Hasher
+from registry.digest import Digest, Hasher
 
 
 class StorageError(Exception):
@@ -35,6 +35,14 @@ class WriteInterrupted(StorageError):
 
 
 class Storage(Protocol):
+    # Where a repository's blob lives. On the filesystem every repository has its own key (hard
+    # links dedupe them); a store with ``shared_blobs`` keeps one object per digest for the whole
+    # registry (the per-repository links are rows in meta/ only), so removing it must wait until
+    # no repository holds the digest (services/blobs.py, remove_content).
+    shared_blobs: bool
+
+    def blob_key(self, repo: str, digest: Digest) -> str: ...
+
     async def stat(self, key: str) -> int:
         """Size in bytes, or NotFound."""
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Callable, TypeVar
 
-from registry.digest import Hasher
+from registry.digest import Digest, Hasher
 from registry.storage.base import InvalidOffset, NotFound, StorageError, WriteInterrupted
 
 T = TypeVar("T")
@@ -71,6 +71,8 @@ def _write_all(fd: int, chunks: list[bytes], pos: int, hashers: list[Hasher], wr
 
 
 class FilesystemStorage:
+    shared_blobs = False  # every repository has its own file; dedupe hard-links them
+
     def __init__(self, root: str | os.PathLike[str], *, commit: bool = True, dedupe: bool = True):
         self.root = Path(root).resolve()
         self.commit = commit
@@ -102,6 +104,9 @@ class FilesystemStorage:
         os.replace(tmp, dst)
         if self.commit:
             _fsync_dir(dst.parent)
+
+    def blob_key(self, repo: str, digest: Digest) -> str:
+        return f"{repo}/{digest.path}"
 
     # -- objects
     async def stat(self, key: str) -> int:
