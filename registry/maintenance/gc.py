@@ -5,9 +5,11 @@ in batches. Each batch is re-checked and deleted by the store under row locks
 (gc_collect), so a push that refers to a row and a pass that deletes it meet in
 one transaction. The files of deleted rows go afterwards, by Blobs.remove_content,
 which puts a file back if its row reappeared meanwhile. Deleting a manifest
-queues what it referred to, so an index, its children and their blobs go in one
-pass (a few rounds). Expired upload sessions and their data go too. Passes never
-overlap, across replicas included (the "gc" lock).
+queues what it referred to, due a whole gcDelay later: a client may have checked
+those while they were in use (which writes nothing) and must keep that delay to
+push a manifest naming them. So an index, its children and their blobs go in
+successive passes, one gcDelay apart. Expired upload sessions and their data go
+too. Passes never overlap, across replicas included (the "gc" lock).
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from registry.meta.base import Candidate
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BATCH = 500
-MAX_ROUNDS = 16  # an index, its children, their blobs, referrers of each: a few rounds suffice
 REPORT_LIMIT = 10000  # deleted items listed in a result (the counts are always complete)
 
 
@@ -53,17 +54,16 @@ async def collect(svc: Services, *, delete_untagged: bool, upload_ttl: float, dr
     t0 = time.monotonic()
     async with svc.meta.exclusive("gc"):
         total = await svc.meta.gc_pending(now)
-        for _ in range(MAX_ROUNDS):
-            if not await _round(svc, result, now, delete_untagged, dry_run, repo, total, progress) or dry_run:
-                break
+        await _round(svc, result, now, now + svc.blobs.gc_delay(), delete_untagged, dry_run, repo, total, progress)
         await _expire_uploads(svc, result, now - upload_ttl, dry_run, repo)
         result.pending = await svc.meta.gc_pending(time.time())
     result.duration = time.monotonic() - t0
     return result
 
 
-async def _round(svc: Services, result: GCResult, now: float, delete_untagged: bool, dry_run: bool,
-                 repo: str | None, total: int, progress: Callable[[int, int], None] | None) -> int:
+async def _round(svc: Services, result: GCResult, now: float, requeue_at: float, delete_untagged: bool,
+                 dry_run: bool, repo: str | None, total: int,
+                 progress: Callable[[int, int], None] | None) -> int:
     """One walk over the queue; returns how many rows it deleted."""
     after = None
     deleted_here = 0
@@ -73,7 +73,8 @@ async def _round(svc: Services, result: GCResult, now: float, delete_untagged: b
             return deleted_here
         last = batch[-1]
         after = (last.review_after, last.repo, last.kind, last.digest)
-        deleted = await _uninterrupted(_collect_batch(svc, result, batch, now, delete_untagged, dry_run))
+        deleted = await _uninterrupted(_collect_batch(svc, result, batch, now, requeue_at, delete_untagged,
+                                                      dry_run))
         deleted_here += len(deleted)
         if progress:
             progress(result.reviewed, max(total, result.reviewed))
@@ -91,9 +92,9 @@ async def _uninterrupted(coro: Awaitable[T]) -> T:
         raise
 
 
-async def _collect_batch(svc: Services, result: GCResult, batch: list[Candidate], now: float,
+async def _collect_batch(svc: Services, result: GCResult, batch: list[Candidate], now: float, requeue_at: float,
                          delete_untagged: bool, dry_run: bool) -> list[Candidate]:
-    deleted = await svc.meta.gc_collect(batch, now, delete_untagged, dry_run)
+    deleted = await svc.meta.gc_collect(batch, now, delete_untagged, dry_run, requeue_at)
     result.reviewed += len(batch)
     await _remove(svc, result, deleted, dry_run)
     return deleted

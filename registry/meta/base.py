@@ -174,10 +174,12 @@ class MetaStore(Protocol):
         """Rows whose review_after has passed, oldest first; ``after`` is the
         (review_after, repo, kind, digest) of the last one seen, for paging."""
     async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
-                         dry_run: bool = False) -> list[Candidate]:
+                         dry_run: bool = False, requeue_at: float | None = None) -> list[Candidate]:
         """Re-check each candidate under lock and delete those still unused;
         returns the deleted. In-use rows leave the queue (NEVER); a deleted
-        manifest's references and referrers join it at ``now``."""
+        manifest's references and referrers join it, due at ``requeue_at``
+        (now + gcDelay: a client may have checked them while they were in use,
+        which wrote nothing, so they get the whole delay from now on)."""
     async def gc_pending(self, now: float) -> int: ...
 
     # scrub

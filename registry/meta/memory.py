@@ -266,7 +266,7 @@ class MemoryMeta(MemoryDedupe):
                 and (c.review_after, c.repo, c.kind, c.digest) > after][:limit]
 
     async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
-                         dry_run: bool = False) -> list[Candidate]:
+                         dry_run: bool = False, requeue_at: float | None = None) -> list[Candidate]:
         deleted = []
         for c in batch:
             r = self._repos.get(c.repo)
@@ -296,7 +296,7 @@ class MemoryMeta(MemoryDedupe):
                 if c.kind == "blob":
                     del r.blobs[c.digest], r.review[c.digest]
                 else:
-                    self._delete_manifest(r, c.digest, now)
+                    self._delete_manifest(r, c.digest, now if requeue_at is None else requeue_at)
             deleted.append(c)
         return deleted
 

@@ -36,14 +36,15 @@ class PostgresGC:
         return [Candidate(repo=r[1], kind=r[2], digest=r[3], size=r[4], review_after=r[0]) for r in rows]
 
     async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
-                         dry_run: bool = False) -> list[Candidate]:
+                         dry_run: bool = False, requeue_at: float | None = None) -> list[Candidate]:
         if not batch:
             return []
+        requeue = now if requeue_at is None else requeue_at
 
         async def call(cs: list[Candidate], dry: bool) -> list[Candidate]:
-            rows = await self._rows("SELECT registry_gc_collect($1, $2, $3, $4, $5, $6)",
+            rows = await self._rows("SELECT registry_gc_collect($1, $2, $3, $4, $5, $6, $7)",
                                     [c.repo for c in cs], [c.kind for c in cs], [c.digest for c in cs],
-                                    now, delete_untagged, dry)
+                                    now, delete_untagged, dry, requeue)
             return [cs[r[0] - 1] for r in rows]
         doomed = await call(batch, True)
         if dry_run:

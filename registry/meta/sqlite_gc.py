@@ -42,7 +42,7 @@ def delete_manifest(conn: sqlite3.Connection, rid: int, digest: str, requeue_at:
 
 
 def _collect_one(conn: sqlite3.Connection, rid: int, c: Candidate, now: float, delete_untagged: bool,
-                 dry_run: bool) -> bool:
+                 dry_run: bool, requeue_at: float) -> bool:
     table = _TABLE[c.kind]
     row = conn.execute(f"SELECT review_after{', subject' if c.kind == 'manifest' else ''} FROM {table} "
                        "WHERE repo_id = ? AND digest = ?", (rid, c.digest)).fetchone()
@@ -72,7 +72,7 @@ def _collect_one(conn: sqlite3.Connection, rid: int, c: Candidate, now: float, d
         if c.kind == "blob":
             conn.execute("DELETE FROM repo_blobs WHERE repo_id = ? AND digest = ?", (rid, c.digest))
         else:
-            delete_manifest(conn, rid, c.digest, now)
+            delete_manifest(conn, rid, c.digest, requeue_at)
     return True
 
 
@@ -94,7 +94,9 @@ class SQLiteGC:
         return [Candidate(repo=r[1], kind=r[2], digest=r[3], size=r[4], review_after=r[0]) for r in rows]
 
     async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,
-                         dry_run: bool = False) -> list[Candidate]:
+                         dry_run: bool = False, requeue_at: float | None = None) -> list[Candidate]:
+        requeue = now if requeue_at is None else requeue_at
+
         def op(conn: sqlite3.Connection) -> list[Candidate]:
             ids: dict[str, int | None] = {}
             deleted = []
@@ -103,7 +105,7 @@ class SQLiteGC:
                     row = conn.execute("SELECT id FROM repositories WHERE name = ?", (c.repo,)).fetchone()
                     ids[c.repo] = row[0] if row else None
                 rid = ids[c.repo]
-                if rid is not None and _collect_one(conn, rid, c, now, delete_untagged, dry_run):
+                if rid is not None and _collect_one(conn, rid, c, now, delete_untagged, dry_run, requeue):
                     deleted.append(c)
             return deleted
         return await self._write(op)

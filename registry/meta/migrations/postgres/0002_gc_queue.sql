@@ -119,7 +119,7 @@ END $$;
 -- re-checked with a fresh snapshot, then deleted or taken out of the queue.
 -- Returns the 1-based positions of the deleted candidates.
 CREATE FUNCTION registry_gc_collect(p_repos TEXT[], p_kinds TEXT[], p_digests TEXT[], p_now DOUBLE PRECISION,
-                                    p_delete_untagged BOOLEAN, p_dry_run BOOLEAN)
+                                    p_delete_untagged BOOLEAN, p_dry_run BOOLEAN, p_requeue_at DOUBLE PRECISION)
 RETURNS SETOF INT LANGUAGE plpgsql AS $$
 DECLARE
     i INT;
@@ -161,7 +161,7 @@ BEGIN
                 CONTINUE;
             END IF;
             IF NOT p_dry_run THEN
-                PERFORM registry_manifest_delete_in(rid, p_digests[i], p_now);
+                PERFORM registry_manifest_delete_in(rid, p_digests[i], p_requeue_at);
             END IF;
             RETURN NEXT i;
         END IF;
