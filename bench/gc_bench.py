@@ -134,25 +134,32 @@ async def run_store(store: str, data: Data, ratios: list[float], dsn: str) -> li
             print(f"{store}: loaded {len(data.blobs)} blobs, {len(data.manifests)} manifests, "
                   f"{len(data.refs)} references in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
-            async def one_pass(label: str, changed: int) -> None:
-                t = time.perf_counter()
-                r = await collect(svc, delete_untagged=True, upload_ttl=86400, now=time.time() + 1)
-                secs = time.perf_counter() - t
-                rows.append((store, label, changed, r.reviewed, r.manifests_deleted, r.blobs_deleted, secs))
-                print(f"{store}: {label}: reviewed {r.reviewed}, deleted {r.manifests_deleted} manifests and "
-                      f"{r.blobs_deleted} blobs in {secs:.3f}s", file=sys.stderr)
+            delay = svc.blobs.gc_delay()
+            clock = time.time()  # passes run at simulated times: what GC requeues is due a gcDelay later
 
-            await one_pass("initial review (100%)", len(data.manifests))
+            async def one_pass(label: str, step: str, changed: int, at: float) -> None:
+                t = time.perf_counter()
+                r = await collect(svc, delete_untagged=True, upload_ttl=86400, now=at)
+                secs = time.perf_counter() - t
+                rows.append((store, label, step, changed, r.reviewed, r.manifests_deleted, r.blobs_deleted, secs))
+                print(f"{store}: {label} ({step}): reviewed {r.reviewed}, deleted {r.manifests_deleted} manifests "
+                      f"and {r.blobs_deleted} blobs in {secs:.3f}s", file=sys.stderr)
+
+            clock += 1
+            await one_pass("initial review", "all rows", len(data.manifests), clock)
             left = list(data.tags)
             for ratio in ratios:
                 n = round(len(data.manifests) * ratio / 100)
                 step = max(1, len(left) // n) if n else 1
                 chosen = left[::step][:n]
                 for repo, tag, _ in chosen:
-                    assert await meta.tag_delete(repo, tag)
+                    assert await meta.tag_delete(repo, tag)  # the manifest is due at once
                 gone = {(r, t) for r, t, _ in chosen}
                 left = [x for x in left if (x[0], x[1]) not in gone]
-                await one_pass(f"{ratio:g}%", n)
+                clock = max(clock, time.time()) + 1
+                await one_pass(f"{ratio:g}%", "manifests", n, clock)
+                clock += delay + 1  # what the deleted manifests referred to is due now
+                await one_pass(f"{ratio:g}%", "their blobs", n, clock)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if store == "postgres":
@@ -179,12 +186,14 @@ def main() -> None:
     rows = []
     for store in args.stores.split(","):
         rows += asyncio.run(run_store(store, data, ratios, dsn))
-    header = ("store", "changed", "manifests untagged", "candidates", "manifests deleted", "blobs deleted", "seconds")
-    cells = [header] + [(s, c, str(n), str(rv), str(md), str(bd), f"{secs:.3f}") for s, c, n, rv, md, bd, secs in rows]
+    header = ("store", "changed", "pass", "manifests untagged", "candidates", "manifests deleted", "blobs deleted",
+              "seconds")
+    cells = [header] + [(s, c, st, str(n), str(rv), str(md), str(bd), f"{secs:.3f}")
+                        for s, c, st, n, rv, md, bd, secs in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"store: {len(data.blobs)} blobs, {len(data.manifests)} manifests in {len(data.repos)} repositories")
     for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.rjust(w) if j > 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 

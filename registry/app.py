@@ -70,7 +70,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             scrubber.start()
         # Issue 5: a walk when the files do not match storage.dedupe; usage in /metrics.
         dedupe = DedupeRunner(svc, cfg, app[METRICS] if METRICS in app else None)
-        dedupe.start()
+        if app[BACKGROUND]:
+            dedupe.start()
         try:
             yield
         finally:

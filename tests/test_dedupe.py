@@ -104,14 +104,15 @@ def root(tmp_path: Path) -> Path:
 def new_client(aiohttp_client: Any, root: Path, meta_section: dict[str, Any]) -> Any:
     async def make(**storage: Any) -> Any:
         cfg = make_config(root, storage={"commit": False, **storage}, meta=meta_section)
-        return await aiohttp_client(create_app(cfg))
+        return await aiohttp_client(create_app(cfg, background=False))  # the tests run the walks
     return make
 
 
 @pytest.fixture
 def new_sqlite_client(aiohttp_client: Any, root: Path) -> Any:
     async def make(**storage: Any) -> Any:
-        return await aiohttp_client(create_app(make_config(root, storage={"commit": False, **storage})))
+        return await aiohttp_client(create_app(make_config(root, storage={"commit": False, **storage}),
+                                               background=False))
     return make
 
 
@@ -562,7 +563,8 @@ def kill_when(proc: subprocess.Popen, ready: Any, timeout: float = 60) -> None:
 
 
 async def seed_in_process(aiohttp_client: Any, root: Path, repos: tuple[str, ...], blobs: list[bytes]) -> None:
-    c = await aiohttp_client(create_app(make_config(root, storage={"commit": False, "dedupe": False})))
+    c = await aiohttp_client(create_app(make_config(root, storage={"commit": False, "dedupe": False}),
+                                        background=False))
     for repo in repos:
         for data in blobs:
             await push_monolithic(c, repo, data)

@@ -360,7 +360,6 @@ async def test_a_head_answered_while_gc_deletes_the_blob_is_never_200(client, pu
     assert status == 404
 
 
-
 @pytest.mark.parametrize("check", ["head", "upload", "mount"])
 async def test_a_blob_checked_while_its_last_manifest_awaits_gc_survives_the_delay(client, push, check):
     layer = b"in use until the tag goes"

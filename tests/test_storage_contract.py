@@ -267,3 +267,19 @@ async def test_concurrent_uploads(store):
     await asyncio.gather(*(one(i) for i in range(6)))
     for i in range(6):
         assert await store.read(f"p/blobs/sha256/c{i}") == datas[i]
+
+
+async def test_small_writes_continued_by_other_processes(store, opener):
+    """Small chunks (on S3 kept inside the upload's state object), each by another process,
+    growing past that into pieces and then parts."""
+    data = os.urandom(PART + 300_000)
+    cuts = [0, 1000, 2000, 200_000, 400_000, PART - 10, len(data)]
+    for a, b in zip(cuts, cuts[1:]):
+        st = await opener()
+        assert await st.upload_size("small") == a if a else True
+        assert await st.upload_write("small", a, chunks(data[a:b], 4096), []) == b
+    st = await opener()
+    assert await collect(st.upload_read("small", len(data))) == data
+    await st.upload_place("small", "p/blobs/sha256/small")
+    assert await store.read("p/blobs/sha256/small") == data
+    await st.upload_delete("small")

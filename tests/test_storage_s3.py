@@ -261,8 +261,14 @@ async def test_read_cache_bounded_lru(aiohttp_client, tmp_path, s3):
         r = await c.get(f"/v2/hot/app/blobs/{ds[i]}", **kw)
         assert r.status in (200, 206)
         return await r.read()
+    async def cached(i: int) -> bool:  # the file is renamed in just after the last byte went out
+        for _ in range(100):
+            if (cache_dir / f"sha256-{ds[i][7:]}").is_file():
+                return True
+            await asyncio.sleep(0.02)
+        return False
     assert await get(0) == blobs[0]  # a miss: streamed from S3, written to the cache on the way
-    assert cache.hits == 0 and (cache_dir / f"sha256-{ds[0][7:]}").is_file()
+    assert cache.hits == 0 and await cached(0)
     s3.client().delete_object(Bucket=s3.bucket, Key=f"blobs/sha256/{ds[0][7:]}")
     assert await get(0) == blobs[0]  # a hit: served from the local disk
     assert cache.hits == 1
@@ -271,6 +277,7 @@ async def test_read_cache_bounded_lru(aiohttp_client, tmp_path, s3):
     assert not (cache_dir / f"sha256-{ds[1][7:]}").exists()
     for i in (1, 2, 3):
         assert await get(i) == blobs[i]
+        assert await cached(i)
     # 4 x 300 kB > 1 MB: the least recently used (blob 0, though it was hit) went first
     names = {p.name for p in cache_dir.iterdir()}
     assert names == {f"sha256-{d[7:]}" for d in ds[1:]}
@@ -571,3 +578,45 @@ def test_a_1gib_push_keeps_server_memory_flat(tmp_path, s3):
         print(f"\n1 GiB monolithic push in {mono:.1f}s, chunked in {took - mono:.1f}s; VmHWM "
               f"{before / MiB:.1f} MiB -> {after / MiB:.1f} MiB (+{(after - before) / MiB:.1f} MiB)")
         assert after - before < 64 * MiB, (before, after)
+
+
+# ----------------------------------------------------------------------------- races, scrub, readiness
+
+async def test_removal_puts_a_shared_object_back_when_a_holder_appears(aiohttp_client, tmp_path, s3, monkeypatch):
+    """remove_content sets the object aside, then finds a repository holding the digest again (a push
+    or mount linked it meanwhile): the object is restored, nothing is lost."""
+    c = await aiohttp_client(create_app(s3_config(tmp_path, s3)))
+    svc = c.app[SERVICES]
+    d = await Pusher(c).blob("race/a", b"contended")
+    assert await svc.meta.blob_unlink("race/a", d)
+    answers = iter([None, ("race/b", 9)])  # before the set-aside: nobody; after it: a new holder
+    monkeypatch.setattr(svc.meta, "blob_holder", lambda digest: _answer(next(answers)))
+    from registry.digest import parse_digest
+    await svc.blobs.remove_content("race/a", parse_digest(d))
+    assert s3.get(f"blobs/sha256/{d[7:]}") == b"contended"
+    assert not [k for k in s3.keys() if k.startswith("_trash/")]
+
+
+async def _answer(value: Any) -> Any:
+    return value
+
+
+async def test_scrub_reads_blobs_from_the_bucket(aiohttp_client, tmp_path, s3):
+    from registry.maintenance.scrub import scrub
+    c = await aiohttp_client(create_app(s3_config(tmp_path, s3)))
+    push = Pusher(c)
+    good = await push.blob("scrub/app", os.urandom(200_000))
+    bad = await push.blob("scrub/app", os.urandom(100_000))
+    s3.client().put_object(Bucket=s3.bucket, Key=f"blobs/sha256/{bad[7:]}", Body=os.urandom(100_000))
+    result = await scrub(c.app[SERVICES])
+    assert [f.digest for f in result.damaged] == [bad], result.damaged
+    assert (await c.get(f"/v2/scrub/app/blobs/{good}")).status == 200
+    await assert_error(await c.get(f"/v2/scrub/app/blobs/{bad}"), 404, "BLOB_UNKNOWN")  # not served
+
+
+async def test_readiness_follows_the_store(aiohttp_client, tmp_path, s3, fault_proxy):
+    c = await aiohttp_client(create_app(s3_config(tmp_path, s3, regionendpoint=fault_proxy.url, max_attempts=1)))
+    assert (await c.get("/readyz")).status == 200
+    fault_proxy.fail(10, 503)
+    r = await c.get("/readyz")
+    assert r.status == 503 and "storage" in (await r.json())["errors"][0]["detail"]

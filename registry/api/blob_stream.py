@@ -59,7 +59,7 @@ async def serve_remote(request: web.Request, svc: Any, repo: str, digest: Digest
     rng = _wanted_range(request, size, digest.hex)
 
     if getattr(driver, "redirect", False):
-        if inner != key or key != own_key:  # shared blob key: the digest may be a manifest's, elsewhere
+        if key != own_key:  # a shared blob key: the digest may be a manifest's, under the repository
             try:
                 await driver.stat(inner)
             except NotFound:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -39,7 +41,6 @@ from typing import Any, Callable
 import xxhash
 
 from registry.digest import new_hasher, parse_digest
-from registry.maintenance.scrub import Pacer
 from registry.meta.dedupe import DedupeItem, DedupeState
 from registry.storage import fs_links
 from registry.storage.filesystem import FilesystemStorage
@@ -50,6 +51,42 @@ BATCH = 200  # digests per metadata query
 SAVE_EVERY = 1.0  # seconds between cursor saves (and at the end of every batch)
 REPORT_LIMIT = 1000  # problems listed in a result
 ON, OFF = "on", "off"
+STOP_TIMEOUT = 10.0  # seconds a server shutdown waits for the walk to stop at a clean point
+START_DELAY = 2.0  # seconds after start-up before the server looks at its files (short-lived apps never do)
+# Walks of one store in one process take turns (the store's lock excludes other processes only).
+_IN_PROCESS: "weakref.WeakKeyDictionary[Any, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+def _in_process_lock(meta: Any) -> asyncio.Lock:
+    lock = _IN_PROCESS.get(meta)
+    if lock is None:
+        lock = _IN_PROCESS[meta] = asyncio.Lock()
+    return lock
+
+
+class Halted(Exception):
+    """The walk was asked to stop (server shutdown); it stops between two files."""
+
+
+class Pacer:
+    """At most ``rate`` bytes per second on average (0: unpaced); its waits end at once when
+    ``halt`` is set, and so does the walk."""
+
+    def __init__(self, rate: float, halt: threading.Event):
+        self.rate = rate
+        self.halt = halt
+        self.start = time.monotonic()
+        self.done = 0
+
+    def consume(self, n: int) -> None:
+        if self.halt.is_set():
+            raise Halted()
+        if self.rate <= 0:
+            return
+        self.done += n
+        ahead = self.done / self.rate - (time.monotonic() - self.start)
+        if ahead > 0 and self.halt.wait(ahead):
+            raise Halted()
 
 
 @dataclass
@@ -103,12 +140,13 @@ def _hash_inode(path: Path, algorithm: str, pacer: Pacer) -> tuple[str, FileId]:
 
 class _Walk:
     def __init__(self, svc: Any, fs: FilesystemStorage, mode: str, dry_run: bool, bytes_per_second: float,
-                 result: DedupeResult):
+                 result: DedupeResult, halt: threading.Event):
         self.svc = svc
         self.fs = fs
         self.mode = mode
         self.dry_run = dry_run
-        self.pacer = Pacer(bytes_per_second)
+        self.halt = halt
+        self.pacer = Pacer(bytes_per_second, halt)
         self.result = result
         self.loop = asyncio.get_running_loop()
         # One thread reads and copies (a paced walk sleeps in it, never in the loop's shared pool).
@@ -289,10 +327,13 @@ async def pending(svc: Any, dedupe: bool) -> bool:
 
 
 async def walk(svc: Any, *, undo: bool = False, dry_run: bool = False, bytes_per_second: float = 0,
-               progress: Callable[[int, int], None] | None = None) -> DedupeResult:
+               progress: Callable[[int, int], None] | None = None,
+               halt: threading.Event | None = None) -> DedupeResult:
     """Run the walk (or the rest of an interrupted one) to the end. ``undo``: give every
     repository its own copy. ``dry_run``: report what would change, change nothing (the
-    copies' content is not verified then)."""
+    copies' content is not verified then). Setting ``halt`` stops it at the next file,
+    with its cursor saved (``complete`` stays false)."""
+    halt = halt or threading.Event()
     mode = OFF if undo else ON
     result = DedupeResult(mode=mode, dry_run=dry_run, started=time.time())
     t0 = time.monotonic()
@@ -300,9 +341,9 @@ async def walk(svc: Any, *, undo: bool = False, dry_run: bool = False, bytes_per
     if not isinstance(fs, FilesystemStorage) or not hasattr(svc.meta, "dedupe_state"):
         result.complete = True  # nothing to do: this store keeps no files of its own to link
         return result
-    w = _Walk(svc, fs, mode, dry_run, bytes_per_second, result)
+    w = _Walk(svc, fs, mode, dry_run, bytes_per_second, result, halt)
     try:
-        async with svc.meta.exclusive("dedupe"):
+        async with _in_process_lock(svc.meta), svc.meta.exclusive("dedupe"):
             state = await svc.meta.dedupe_state()
             after = None
             if not dry_run:
@@ -328,7 +369,12 @@ async def walk(svc: Any, *, undo: bool = False, dry_run: bool = False, bytes_per
                 for it in items:
                     by_digest[it.digest].append(it)
                 for digest, rows in by_digest.items():
-                    await w.digest(digest, rows)
+                    if halt.is_set():
+                        break
+                    try:
+                        await w.digest(digest, rows)
+                    except Halted:
+                        break  # this digest is done again on resume: every step is idempotent
                     after = digest
                     done += 1
                     if progress:
@@ -339,6 +385,9 @@ async def walk(svc: Any, *, undo: bool = False, dry_run: bool = False, bytes_per
                 if not dry_run:
                     await _save(svc, state, after, result)
                     last_save = time.monotonic()
+                if halt.is_set():
+                    log.info("dedupe: walk stopped after %s; it resumes there", after or "the start")
+                    return result
             result.complete = True
             result.total_files = state.files + result.files
             result.total_bytes = state.bytes + result.bytes
@@ -409,6 +458,8 @@ class DedupeRunner:
         self.cfg = cfg
         self.stats = DedupeStats()
         self._task: asyncio.Task[None] | None = None
+        self._halt = threading.Event()
+        self._stopping = asyncio.Event()
         self.usage = None
         if metrics is not None:
             from registry.maintenance.usage import UsageCache
@@ -421,6 +472,11 @@ class DedupeRunner:
     async def _run(self) -> None:
         dedupe = self.cfg.storage.dedupe
         try:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), START_DELAY)
+                return  # stopped before it began
+            except asyncio.TimeoutError:
+                pass
             if not await pending(self.svc, dedupe):
                 return
             state = await self.svc.meta.dedupe_state()
@@ -432,7 +488,7 @@ class DedupeRunner:
             log.info("dedupe: storage.dedupe is %s and the files on disk may not match: walking them in the "
                      "background", "on" if dedupe else "off")
             rate = getattr(self.cfg.storage, "dedupe_bytes_per_second", 0)
-            result = await walk(self.svc, undo=not dedupe, bytes_per_second=rate)
+            result = await walk(self.svc, undo=not dedupe, bytes_per_second=rate, halt=self._halt)
             self.stats.record(result)
             if self.usage is not None:
                 self.usage.invalidate()
@@ -448,10 +504,18 @@ class DedupeRunner:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
-        if self._task is not None:
+        """Stop the walk between two files, its cursor saved. Cancelling it instead could cut
+        a metadata query in half (and leave a PostgreSQL connection holding its locks)."""
+        if self._task is None:
+            return
+        self._halt.set()
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
+        except asyncio.TimeoutError:  # stuck (waiting for another process's walk): cancel it
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-            self._task = None
+        self._task = None

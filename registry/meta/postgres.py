@@ -39,6 +39,10 @@ def _manifest(row: Any) -> Manifest:
                     review_after=row[7])
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
+
+
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {"timeout": cfg.connect_timeout,
                           "server_settings": {"search_path": cfg.schema, "application_name": cfg.application_name}}
@@ -71,7 +75,9 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
     # -- pool and migrations
     async def open(self) -> None:
         try:
-            self.pool = await asyncpg.create_pool(min_size=1, max_size=self.cfg.pool_size,
+            # Query connections never hold session state (advisory locks live on the lock
+            # pool), so releasing one skips asyncpg's reset query: a round trip per request.
+            self.pool = await asyncpg.create_pool(min_size=1, max_size=self.cfg.pool_size, reset=_no_reset,
                                                   **connect_kwargs(self.cfg))
             self.lock_pool = await asyncpg.create_pool(min_size=0, max_size=max(2, self.cfg.pool_size // 2),
                                                        **connect_kwargs(self.cfg))

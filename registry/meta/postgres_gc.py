@@ -26,13 +26,18 @@ class PostgresGC:
     async def gc_candidates(self, now: float, limit: int, repo: str | None = None,
                             after: tuple[float, str, str, str] | None = None) -> list[Candidate]:
         after = after or (float("-inf"), "", "", "")
+        # Two texts, not "($n IS NULL OR name = $n)": asyncpg prepares the statement, and
+        # PostgreSQL's generic plan for that guessed one repository and scanned the whole
+        # queue once per repository (1.2s a page for 100,000 rows instead of 0.04s).
+        only = "AND r.name = $6 " if repo is not None else ""
         rows = await self._rows(
             "SELECT * FROM (SELECT b.review_after, r.name, 'blob' AS kind, b.digest, b.size FROM repo_blobs b "
-            "JOIN repositories r ON r.id = b.repo_id WHERE b.review_after <= $1 "
+            f"JOIN repositories r ON r.id = b.repo_id WHERE b.review_after <= $1 AND b.review_after >= $2 {only}"
             "UNION ALL SELECT m.review_after, r.name, 'manifest', m.digest, m.size FROM manifests m "
-            "JOIN repositories r ON r.id = m.repo_id WHERE m.review_after <= $1) q "
-            "WHERE ($2::text IS NULL OR name = $2) AND (review_after, name, kind, digest) > ($3, $4, $5, $6) "
-            "ORDER BY review_after, name, kind, digest LIMIT $7", now, repo, *after, limit)
+            f"JOIN repositories r ON r.id = m.repo_id WHERE m.review_after <= $1 AND m.review_after >= $2 {only}) q "
+            "WHERE (review_after, name, kind, digest) > ($2, $3, $4, $5) "
+            f"ORDER BY review_after, name, kind, digest LIMIT {int(limit)}",
+            now, *after, *([] if repo is None else [repo]))
         return [Candidate(repo=r[1], kind=r[2], digest=r[3], size=r[4], review_after=r[0]) for r in rows]
 
     async def gc_collect(self, batch: list[Candidate], now: float, delete_untagged: bool,

@@ -104,6 +104,8 @@ class S3Storage:
         except Exception as exc:  # noqa: BLE001 - translated below, nothing raw leaves
             raise self._startup_error(exc) from None
         self.uploads.start()
+        log.info("storage: %s (dedupe %s, parts of %d bytes)", self.describe(), "on" if self.dedupe else "off",
+                 self.part_size)
 
     async def close(self) -> None:
         self.uploads.stop()

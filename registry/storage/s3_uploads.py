@@ -48,6 +48,7 @@ kept whole parts back server-side (UploadPartCopy).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ BATCH = 1 << 20  # bytes hashed and written to the spool per thread hop
 INLINE = 256 << 10  # smaller batches are written on the loop
 MAX_PARTS = 10000
 MAX_REMEMBERED = 10000  # uploads whose objects this process remembers (a shortcut for delete)
+INLINE_MAX = 256 << 10  # a tail up to this size is kept in the state object: no piece object
 MAX_SPOOLS = 512  # spooled tails kept between writes (each less than a part); others are downloaded again
 STREAM_ERRORS = (ConnectionError, asyncio.TimeoutError, OSError, ValueError, EOFError)
 
@@ -85,18 +87,22 @@ class State:
     base: list[Any] | None = None  # [key, length, exact]: bytes [0, length) of one object
     mpu: dict[str, Any] | None = None  # {"key", "id", "parts": [[number, etag, size], ...]}
     tail: list[list[Any]] = field(default_factory=list)  # [[key, start, length, exact], ...]
+    inline: bytes | None = None  # instead of ``tail``: a small tail kept inside the state object
     gen: str = ""
     created: float = 0.0
     etag: str | None = None  # of state.json as read; not stored
 
     def dump(self) -> bytes:
         return json.dumps({"v": 1, "size": self.size, "base": self.base, "mpu": self.mpu, "tail": self.tail,
+                           "inline": None if self.inline is None else base64.b64encode(self.inline).decode(),
                            "gen": self.gen, "created": self.created}).encode()
 
     @classmethod
     def load(cls, data: bytes, etag: str | None) -> "State":
         doc = json.loads(data)
+        inline = doc.get("inline")
         return cls(size=doc["size"], base=doc.get("base"), mpu=doc.get("mpu"), tail=doc.get("tail") or [],
+                   inline=None if inline is None else base64.b64decode(inline),
                    gen=doc.get("gen", ""), created=doc.get("created", 0.0), etag=etag)
 
     @property
@@ -105,7 +111,7 @@ class State:
 
     @property
     def tail_size(self) -> int:
-        return sum(r[2] for r in self.tail)
+        return len(self.inline) if self.inline is not None else sum(r[2] for r in self.tail)
 
     def next_part(self) -> int:
         return max((p[0] for p in self.mpu["parts"]), default=0) + 1 if self.mpu else 1
@@ -185,6 +191,9 @@ class S3Uploads:
         self.conditional = True  # state saved with If-Match / If-None-Match while the store takes them
         self._spools: dict[str, tuple[str, Path]] = {}  # upload id -> (state gen, spool file = its tail)
         self._owned: dict[str, _Owned] = {}
+        # upload id -> the state this process last wrote, or read back (and so hashed): what
+        # upload_place makes visible when called here next, without reading the state again.
+        self._mem: dict[str, State] = {}
 
     # -- the local spool directory: one per process, removed at exit (and when found orphaned)
     def start(self) -> None:
@@ -240,7 +249,9 @@ class S3Uploads:
         except (ValueError, KeyError, TypeError):
             raise StorageError(f"upload {upload_id}: state object is unreadable") from None
 
-    async def _save(self, upload_id: str, st: State) -> None:
+    async def _save(self, upload_id: str, st: State, *, over_any: bool = False) -> None:
+        """Write the state, conditionally on the version it was read at (none: it must not exist).
+        ``over_any``: a write from offset 0, which replaces whatever state there is."""
         from registry.storage.s3 import _code
         key = self._key(upload_id, "state.json")
         st.gen = uuid.uuid4().hex
@@ -258,6 +269,12 @@ class S3Uploads:
             except Exception as exc:  # noqa: BLE001 - translated
                 code, status = _code(exc)
                 if cond and (code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)):
+                    if over_any and not st.etag:  # an earlier state of this upload: replace it
+                        old = await self._load(upload_id)
+                        self._owned.pop(upload_id, None)  # its objects are not all ours: list them to delete
+                        if old is not None:
+                            st.etag, over_any = old.etag, False
+                            continue
                     raise Conflict() from None
                 if cond and (code in ("NotImplemented", "InvalidArgument", "InvalidRequest") or status == 501):
                     log.warning("s3: the store refuses conditional writes (%s): upload state is saved without "
@@ -270,6 +287,13 @@ class S3Uploads:
         if own is not None:
             own.gen = st.gen
             own.keys.add(key)
+        self._remember(upload_id, st)
+
+    def _remember(self, upload_id: str, st: State) -> None:
+        self._mem.pop(upload_id, None)
+        self._mem[upload_id] = st
+        while len(self._mem) > MAX_REMEMBERED:
+            del self._mem[next(iter(self._mem))]
 
     def _ownership(self, upload_id: str, st: State | None) -> _Owned | None:
         """The record of what this process created for the upload, if it alone wrote it so far."""
@@ -324,8 +348,8 @@ class S3Uploads:
         loop = asyncio.get_running_loop()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            pos = 0
-            for key, start, length, _exact in st.tail:
+            pos = os.pwrite(fd, st.inline, 0) if st.inline else 0
+            for key, start, length, _exact in [] if st.inline is not None else st.tail:
                 if not length:
                     continue
                 _, chunks = await self.s3.open_range(key, start, start + length - 1)
@@ -370,9 +394,9 @@ class S3Uploads:
 
     async def _materialize(self, upload_id: str, st: State) -> tuple[str, int]:
         """One completed object holding exactly the upload's bytes: (key, size)."""
-        if st.base is not None and st.base[2] and st.mpu is None and not st.tail:
+        if st.base is not None and st.base[2] and st.mpu is None and not st.tail and st.inline is None:
             return st.base[0], st.base[1]
-        if st.base is None and st.mpu is None and len(st.tail) == 1 and st.tail[0][3]:
+        if st.base is None and st.mpu is None and st.inline is None and len(st.tail) == 1 and st.tail[0][3]:
             return st.tail[0][0], st.tail[0][2]  # one whole piece: nothing to assemble
         await self._normalize(upload_id, st)
         if st.mpu is None:  # all in the tail, less than a part: one object from the spool
@@ -387,7 +411,7 @@ class S3Uploads:
         else:
             key = st.mpu["key"]
             parts = list(st.mpu["parts"])
-            if st.tail:
+            if st.tail_size:
                 path, size = await self._fill_spool(upload_id, st)
                 try:
                     if st.next_part() > MAX_PARTS:
@@ -398,7 +422,7 @@ class S3Uploads:
             await self.s3.call("complete_multipart_upload", key, Key=self.s3.k(key), UploadId=st.mpu["id"],
                                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e, _ in
                                                           sorted(parts)]})
-        st.base, st.mpu, st.tail = [key, st.size, True], None, []
+        st.base, st.mpu, st.tail, st.inline = [key, st.size, True], None, [], None
         try:
             await self._save(upload_id, st)
         except Conflict:
@@ -408,6 +432,9 @@ class S3Uploads:
     async def _truncate(self, upload_id: str, st: State, offset: int) -> None:
         """Cut the upload back to ``offset`` bytes (bytes stored but never recorded)."""
         parts = st.parts_size
+        if st.base is None and offset >= parts and st.inline is not None:
+            st.inline, st.size = st.inline[:offset - parts], offset
+            return
         if st.base is None and offset >= parts:
             keep, tail = offset - parts, []
             for key, start, length, exact in st.tail:
@@ -424,6 +451,31 @@ class S3Uploads:
         st.base = [st.base[0], offset, bool(st.base[2] and offset == st.base[1])]
         st.size = offset
 
+    async def _put_small(self, key: str, data: bytes, replace: bool) -> None:
+        """PUT a small object, unless one is there already (If-None-Match, where the store takes it)."""
+        from registry.storage.s3 import _code
+        if replace or not self.conditional:
+            if not replace and await self.s3.exists(key):
+                return
+            await self.s3.write(key, data)
+            return
+        client = await self.s3._get_client()
+        try:
+            await client.put_object(Bucket=self.s3.bucket, Key=self.s3.k(key), Body=data, IfNoneMatch="*",
+                                    **self.s3._put_extra)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated
+            code, status = _code(exc)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return  # there already
+            if code in ("NotImplemented", "InvalidArgument", "InvalidRequest") or status == 501:
+                self.conditional = False
+                await self._put_small(key, data, replace)
+                return
+            raise self.s3.error(exc, key) from None
+        self.s3.bytes_in += len(data)
+
     # -- the Protocol's upload methods
     async def size(self, upload_id: str) -> int:
         st = await self._load(upload_id)
@@ -432,9 +484,12 @@ class S3Uploads:
         return st.size
 
     async def write(self, upload_id: str, offset: int, chunks: AsyncIterator[bytes], hashers: list[Hasher]) -> int:
-        st = await self._load(upload_id)
-        if st is None and offset:
-            raise InvalidOffset(0)
+        if offset == 0:  # whatever the upload held is dropped: no need to read its state first
+            st: State | None = None
+        else:
+            st = await self._load(upload_id)
+            if st is None:
+                raise InvalidOffset(0)
         self._ownership(upload_id, st)
         if st is None:
             st = State(created=time.time())
@@ -444,7 +499,7 @@ class S3Uploads:
             if st.size > offset:
                 await self._truncate(upload_id, st, offset)
             await self._normalize(upload_id, st)
-            return await _Write(self, upload_id, st, hashers).run(chunks)
+            return await _Write(self, upload_id, st, hashers).run(chunks, over_any=offset == 0)
         except Conflict:
             self._forget_spool(upload_id)
             current = await self._load(upload_id)
@@ -459,6 +514,10 @@ class S3Uploads:
         if st.size < length:
             raise StorageError(f"upload {upload_id} is shorter than {length} bytes")
         self._ownership(upload_id, st)
+        if st.inline is not None and st.mpu is None and st.base is None:  # all of it in the state
+            self._remember(upload_id, st)
+            yield st.inline[:length]
+            return
         key, _ = await self._materialize(upload_id, st)
         self._forget_spool(upload_id)
         _, chunks = await self.s3.open_range(key, 0, length - 1)
@@ -466,12 +525,18 @@ class S3Uploads:
             yield data
 
     async def place(self, upload_id: str, key: str, replace: bool = False) -> None:
+        """Make the bytes this process wrote or read back (the ones its caller hashed) visible."""
+        st = self._mem.get(upload_id)
+        if st is None:
+            st = await self._load(upload_id)
+            if st is None:
+                raise NotFound(f"upload {upload_id}")
+            self._ownership(upload_id, st)
+        if st.inline is not None and st.mpu is None and st.base is None:  # small: one PUT, if absent
+            await self._put_small(key, st.inline, replace)
+            return
         if not replace and await self.s3.exists(key):
             return
-        st = await self._load(upload_id)
-        if st is None:
-            raise NotFound(f"upload {upload_id}")
-        self._ownership(upload_id, st)
         src, size = await self._materialize(upload_id, st)
         self._forget_spool(upload_id)
         await self.s3.copy(src, key, size)
@@ -480,10 +545,15 @@ class S3Uploads:
         """Abort the upload's multipart uploads and remove its objects and spool."""
         self._forget_spool(upload_id)
         own = self._owned.pop(upload_id, None)
-        st = await self._load(upload_id)
-        if own is not None and (st is None or st.gen == own.gen):
-            mpus, keys = set(own.mpus), set(own.keys)  # all this process made, and nobody else wrote
+        self._mem.pop(upload_id, None)
+        st = None
+        if own is not None:
+            # All this process made, while nobody else wrote the upload as far as it saw. Should
+            # another process have written it since, what it made stays as an upload with no
+            # session, which upload expiry (GC) finds by listing and deletes.
+            mpus, keys = set(own.mpus), set(own.keys)
         else:
+            st = await self._load(upload_id)
             mpus, keys = set(), set()
             async for page in self._list_mpus(f"{UPLOADS}/{upload_id}/"):
                 for u in page.get("Uploads", []):
@@ -543,7 +613,7 @@ class _Write:
         self.spool_len = 0
         self.pos = st.size
 
-    async def run(self, chunks: AsyncIterator[bytes]) -> int:
+    async def run(self, chunks: AsyncIterator[bytes], over_any: bool = False) -> int:
         up = self.up
         self.path, self.spool_len = await up._fill_spool(self.id, self.st)
         tail_before = self.spool_len
@@ -574,17 +644,23 @@ class _Write:
             if parts:
                 assert st.mpu is not None
                 st.mpu["parts"] += parts
-            start = 0 if self.flushed else tail_before
+            # The spool now holds the whole tail. Bytes of it already in pieces stay there; the
+            # rest goes into the state object when the tail is small and has no pieces, else
+            # into a new piece.
+            start = 0 if self.flushed or st.inline is not None else tail_before
             if self.flushed:
                 st.tail = []
-            if self.spool_len > start:
+            st.inline = None
+            if not st.tail and self.spool_len <= INLINE_MAX:
+                st.inline = os.pread(self.fd, self.spool_len, 0) if self.spool_len else b""
+            elif self.spool_len > start:
                 key = up._key(self.id, f"piece-{uuid.uuid4().hex[:12]}")
                 await up.s3.put_file(key, FileRange(self.fd, start, self.spool_len - start),
                                      self.spool_len - start, ContentType="application/octet-stream")
                 up._track(self.id, key)
                 st.tail.append([key, 0, self.spool_len - start, True])
             st.size = self.pos
-            await up._save(self.id, st)
+            await up._save(self.id, st, over_any=over_any)
         except BaseException:
             for t in self.tasks:
                 t.cancel()
