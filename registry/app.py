@@ -15,7 +15,7 @@ from registry.maintenance.dedupe import DedupeRunner
 from registry.maintenance.gc import GCStats, collect
 from registry.maintenance.reindex import reindex_new_layouts
 from registry.maintenance.scheduler import Periodic
-from registry.maintenance.scrub import ScrubStats, scrub
+from registry.maintenance.scrub import ScrubStats, scheduled_scrub
 from registry.meta.factory import open_meta
 from registry.metrics import Metrics
 from registry.reload import Tunables
@@ -62,7 +62,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         scrub_stats.last_complete = (await meta.scrub_state()).last_complete or 0.0
         if METRICS in app:
             app[METRICS].registry.register(scrub_stats)
-        scrubber = Periodic("scrub", lambda: scrub(svc, bytes_per_second=tunables.scrub.bytes_per_second),
+        scrubber = Periodic("scrub", lambda: scheduled_scrub(svc, interval=tunables.scrub.interval,
+                                                             bytes_per_second=tunables.scrub.bytes_per_second),
                             lambda: tunables.scrub.interval if tunables.scrub.enable else 0, scrub_stats.record)
         unsubscribe = tunables.subscribe(lambda _: (gc.wake(), scrubber.wake()))
         if app[BACKGROUND]:

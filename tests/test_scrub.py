@@ -894,3 +894,18 @@ async def test_a_blob_deleted_during_the_pass_is_no_finding(client, monkeypatch)
     assert r.complete and r.damaged == [], r.damaged
     assert_report(await report(svc), {("race/app", "v1"): {}})
     assert img.digest
+
+
+async def test_scheduled_pass_counts_for_every_replica(client, push):
+    """Each replica's scheduler fires; a pass another completed within half an interval counts."""
+    import asyncio as _asyncio
+    from registry.keys import SERVICES as _SERVICES
+    from registry.maintenance.scrub import scheduled_scrub
+    await push.image("sched/once", "v1")
+    svc = client.app[_SERVICES]
+    first = await scheduled_scrub(svc, interval=3600, bytes_per_second=0)
+    assert first is not None and first.complete and first.blobs >= 2
+    assert await scheduled_scrub(svc, interval=3600, bytes_per_second=0) is None
+    await _asyncio.sleep(0.02)
+    again = await scheduled_scrub(svc, interval=0.01, bytes_per_second=0)
+    assert again is not None and again.complete

@@ -57,5 +57,5 @@ class Periodic:
             except Exception:  # a failed run is logged; the next one is tried on schedule
                 log.exception("%s: run failed", self.name)
                 continue
-            if self.on_result is not None:
+            if self.on_result is not None and result is not None:
                 self.on_result(result)

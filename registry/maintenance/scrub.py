@@ -192,8 +192,16 @@ async def _check_manifest(svc: Services, item: ScrubItem) -> str | None:
     return f"manifest file was {what}; rewritten from the metadata store"
 
 
+async def scheduled_scrub(svc: Services, *, interval: float, bytes_per_second: float) -> ScrubResult | None:
+    """The scheduler's pass. With several replicas each one's scheduler fires, but a pass
+    another completed less than half an interval ago counts for all (checked under the
+    scrub lock): one pass per interval, not one per replica. None when skipped."""
+    return await scrub(svc, bytes_per_second=bytes_per_second, skip_if_done_since=time.time() - interval / 2)
+
+
 async def scrub(svc: Services, *, quick: bool = False, repo: str | None = None, bytes_per_second: float = 0,
-                progress: Callable[[int, int], None] | None = None) -> ScrubResult:
+                progress: Callable[[int, int], None] | None = None,
+                skip_if_done_since: float | None = None) -> ScrubResult | None:
     """One pass (or the rest of an interrupted one) over every stored blob and manifest."""
     now = time.time()
     result = ScrubResult(quick=quick, started=now)
@@ -201,6 +209,9 @@ async def scrub(svc: Services, *, quick: bool = False, repo: str | None = None, 
     pacer = Pacer(bytes_per_second)
     async with svc.meta.exclusive("scrub"):
         state = await svc.meta.scrub_state() if repo is None else ScrubState(None, None, None)
+        if (skip_if_done_since is not None and state.pass_started is None and state.last_complete is not None
+                and state.last_complete >= skip_if_done_since):
+            return None
         after = state.cursor if state.pass_started is not None else None
         started = state.pass_started if after is not None else now
         if after is not None:
