@@ -112,8 +112,8 @@ async def main() -> None:
     print("| | sent (MiB) | received (MiB) | CPU (s) |")
     print("|---|---|---|---|")
     sent, received = moved(before[0], after[0])
-    print(f"| registry, to/from clients (port {port}) | {sent / mib:,.1f} | {received / mib:,.1f} | "
-          f"{after[1] - before[1]:.2f} |")
+    print(f"| registry, to/from clients (port {port}) | {sent / mib:,.1f} ({sent:,} bytes) | "
+          f"{received / mib:,.1f} ({received:,} bytes) | {after[1] - before[1]:.2f} |")
     print(f"| store, to/from anyone (relay) | {(after[2]['down'] - before[2]['down']) / mib:,.1f} | "
           f"{(after[2]['up'] - before[2]['up']) / mib:,.1f} | {after[3] - before[3]:.2f} |")
     print(f"| clients, blob bytes received | | {total / mib:,.1f} | |")

@@ -52,6 +52,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         return load(args.config, environ=environ, overrides=_overrides(args))
     if cfg.http.workers > 1 and cfg.http.port == 0:
         sys.exit("registry: configuration error: http.workers: several workers need a fixed http.port, not 0")
+    if cfg.http.workers > 1:  # migrate once, before the workers open the store together
+        from registry.meta.factory import open_meta
+
+        async def migrate_only() -> None:
+            async with open_meta(cfg):
+                pass
+        try:
+            asyncio.run(migrate_only())
+        except (MetaError, SchemaTooNew) as exc:
+            sys.exit(f"registry: metadata store ({cfg.meta.driver}): {exc}")
     children, worker = _fork_workers(cfg.http.workers)
     try:
         asyncio.run(serve(cfg, reload_config=reload_config, ready_message=worker == 0, background=worker == 0))
