@@ -51,7 +51,8 @@ _sync_file_range = _load_sync_file_range()
 SYNC_FILE_RANGE_WRITE = 2
 
 
-def _write_all(fd: int, chunks: list[bytes], pos: int, hashers: list[Hasher], writeback: bool = False) -> None:
+def hash_and_write(fd: int, chunks: list[bytes] | list[memoryview], pos: int, hashers: list[Hasher],
+                   writeback: bool = False) -> None:
     """Hash and write chunks at pos (one pwritev per batch, no concatenation)."""
     start = pos
     for h in hashers:
@@ -252,21 +253,21 @@ class FilesystemStorage:
                     if buffered >= BATCH:
                         if pending is not None:
                             await pending
-                        pending = loop.run_in_executor(None, _write_all, fd, buf, pos, hashers, wb)
+                        pending = loop.run_in_executor(None, hash_and_write, fd, buf, pos, hashers, wb)
                         pos += buffered
                         buf, buffered = [], 0
             except (ConnectionError, asyncio.TimeoutError, OSError, ValueError, EOFError) as exc:
                 if pending is not None:
                     await pending
-                _write_all(fd, buf, pos, hashers)
+                hash_and_write(fd, buf, pos, hashers)
                 pos += buffered
                 raise WriteInterrupted(pos, exc) from exc
             if pending is not None:
                 await pending
             if buffered < INLINE:
-                _write_all(fd, buf, pos, hashers)
+                hash_and_write(fd, buf, pos, hashers)
             else:
-                await loop.run_in_executor(None, _write_all, fd, buf, pos, hashers)
+                await loop.run_in_executor(None, hash_and_write, fd, buf, pos, hashers)
             pos += buffered
             if self.commit:
                 await loop.run_in_executor(None, os.fsync, fd)

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from registry.digest import Hasher
+from registry.storage.filesystem import hash_and_write
 from registry.storage.base import InvalidOffset, NotFound, StorageError, WriteInterrupted
 
 if TYPE_CHECKING:
@@ -164,21 +165,6 @@ class FileRange(RawIOBase):
 
     def __len__(self) -> int:
         return self._len
-
-
-def _hash_write(fd: int, views: list[memoryview], pos: int, hashers: list[Hasher]) -> None:
-    for h in hashers:
-        for v in views:
-            h.update(v)
-    views = [v for v in views if len(v)]
-    while views:
-        n = os.pwritev(fd, views[:1024], pos)
-        pos += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 class S3Uploads:
@@ -702,9 +688,9 @@ class _Write:
                     views[0] = v[cut:]
                     n += cut
             if n < INLINE:
-                _hash_write(self.fd, take, self.spool_len, self.hashers)
+                hash_and_write(self.fd, take, self.spool_len, self.hashers)
             else:
-                await loop.run_in_executor(None, _hash_write, self.fd, take, self.spool_len, self.hashers)
+                await loop.run_in_executor(None, hash_and_write, self.fd, take, self.spool_len, self.hashers)
             self.spool_len += n
             self.pos += n
             if self.spool_len >= self.ps:
