@@ -279,8 +279,14 @@ async def test_read_cache_bounded_lru(aiohttp_client, tmp_path, s3):
         assert await get(i) == blobs[i]
         assert await cached(i)
     # 4 x 300 kB > 1 MB: the least recently used (blob 0, though it was hit) went first
-    names = {p.name for p in cache_dir.iterdir()}
-    assert names == {f"sha256-{d[7:]}" for d in ds[1:]}
+    # (eviction follows the new file's rename: wait for it, within a deadline)
+    want = {f"sha256-{d[7:]}" for d in ds[1:]}
+    for _ in range(100):
+        names = {p.name for p in cache_dir.iterdir()}
+        if names == want:
+            break
+        await asyncio.sleep(0.02)
+    assert names == want
     assert cache.total <= 1000_000 and cache.evictions == 1
     big = os.urandom(600_000)  # above half the cache: never cached
     db = await push.blob("hot/app", big)
