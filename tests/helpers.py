@@ -138,3 +138,13 @@ async def raw_request(client: TestClient, method: str, target: bytes, headers: d
             rest = rest[size + 2:]
         payload = bytes(out)
     return status, resp_headers, payload
+
+
+async def assert_pullable(client, repo: str, digest: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """GET returns the bytes with the right Docker-Content-Digest; HEAD the right length."""
+    r = await client.get(f"/v2/{repo}/blobs/{digest}")
+    assert r.status == 200, await r.text()
+    assert await r.read() == data
+    assert r.headers["Docker-Content-Digest"] == digest
+    r = await client.head(f"/v2/{repo}/blobs/{digest}")
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)

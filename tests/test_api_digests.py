@@ -5,20 +5,13 @@ import json
 
 import pytest
 
-from tests.helpers import (OCI_MANIFEST, DIGESTERS, assert_error, b3, image_doc, sha256, sha512, start_upload,
+from tests.helpers import (assert_pullable, OCI_MANIFEST, DIGESTERS, assert_error, b3, image_doc, sha256, sha512, start_upload,
                            stream, weird_json, with_query)
 
 DATA = b"digest algorithms " * 500
 ALGS = ["sha256", "sha512", "blake3"]
 
 
-async def check_blob(client, repo: str, digest: str, data: bytes) -> None:
-    r = await client.get(f"/v2/{repo}/blobs/{digest}")
-    assert r.status == 200, await r.text()
-    assert await r.read() == data
-    assert r.headers["Docker-Content-Digest"] == digest
-    r = await client.head(f"/v2/{repo}/blobs/{digest}")
-    assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
 
 
 def test_blake3_helper_is_blake3():
@@ -32,7 +25,7 @@ async def test_monolithic(client, alg):
     r = await client.post(f"/v2/alg/mono/blobs/uploads/?digest={d}", data=DATA)
     assert r.status == 201, await r.text()
     assert r.headers["Docker-Content-Digest"] == d
-    await check_blob(client, "alg/mono", d, DATA)
+    await assert_pullable(client, "alg/mono", d, DATA)
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -46,7 +39,7 @@ async def test_chunked(client, alg):
     r = await client.put(with_query(r.headers["Location"], digest=d), data=DATA[5000:])
     assert r.status == 201, await r.text()
     assert r.headers["Docker-Content-Digest"] == d
-    await check_blob(client, "alg/chunked", d, DATA)
+    await assert_pullable(client, "alg/chunked", d, DATA)
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -71,7 +64,7 @@ async def test_same_content_under_several_algorithms(client):
         d = DIGESTERS[alg](DATA)
         assert (await client.post(f"/v2/alg/multi/blobs/uploads/?digest={d}", data=DATA)).status == 201
     for alg in ALGS:
-        await check_blob(client, "alg/multi", DIGESTERS[alg](DATA), DATA)
+        await assert_pullable(client, "alg/multi", DIGESTERS[alg](DATA), DATA)
 
 
 @pytest.mark.parametrize("alg", ["sha512", "blake3"])
@@ -114,10 +107,10 @@ async def test_mount_from_repo_holding_blob(client, push):
     assert r.status == 201, await r.text()
     assert r.headers["Docker-Content-Digest"] == d
     assert r.headers["Location"].endswith(f"/v2/dst/repo/blobs/{d}")
-    await check_blob(client, "dst/repo", d, DATA)
+    await assert_pullable(client, "dst/repo", d, DATA)
     # the mount is independent of the source afterwards
     assert (await client.delete(f"/v2/src/repo/blobs/{d}")).status == 202
-    await check_blob(client, "dst/repo", d, DATA)
+    await assert_pullable(client, "dst/repo", d, DATA)
 
 
 @pytest.mark.parametrize("alg", ["sha512", "blake3"])
@@ -126,7 +119,7 @@ async def test_mount_other_algorithms(client, alg):
     assert (await client.post(f"/v2/src/alg/blobs/uploads/?digest={d}", data=DATA)).status == 201
     r = await client.post(f"/v2/dst/alg/blobs/uploads/?mount={d}&from=src/alg")
     assert r.status == 201
-    await check_blob(client, "dst/alg", d, DATA)
+    await assert_pullable(client, "dst/alg", d, DATA)
 
 
 async def test_mount_when_source_lacks_blob_starts_upload(client, push):
@@ -140,7 +133,7 @@ async def test_mount_when_source_lacks_blob_starts_upload(client, push):
     # it is a normal session
     r = await client.put(with_query(loc, digest=d), data=DATA)
     assert r.status == 201
-    await check_blob(client, "dst/repo", d, DATA)
+    await assert_pullable(client, "dst/repo", d, DATA)
 
 
 @pytest.mark.parametrize("source", ["Bad/Name", "a..b", "", "no/such/repo", "-x"])
@@ -165,7 +158,7 @@ async def test_mount_without_from(client, push):
     r = await client.post(f"/v2/dst/nofrom/blobs/uploads/?mount={d}")
     assert r.status == 201, await r.text()
     assert r.headers["Docker-Content-Digest"] == d
-    await check_blob(client, "dst/nofrom", d, DATA)
+    await assert_pullable(client, "dst/nofrom", d, DATA)
 
 
 async def test_mount_without_from_unknown_digest(client, push):
@@ -181,7 +174,7 @@ async def test_mount_of_manifest_digest(client, push):
     r = await client.post(f"/v2/dst/man/blobs/uploads/?mount={md}&from=src/man")
     assert r.status in (201, 202)
     if r.status == 201:
-        await check_blob(client, "dst/man", md, body)
+        await assert_pullable(client, "dst/man", md, body)
 
 
 async def test_mounted_blob_usable_in_manifest(client, push):

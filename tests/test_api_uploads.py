@@ -6,18 +6,11 @@ import uuid
 
 import pytest
 
-from tests.helpers import assert_error, sha256, start_upload, stream, with_query
+from tests.helpers import assert_pullable, assert_error, sha256, start_upload, stream, with_query
 
 DATA = bytes((i * 7 + 3) % 251 for i in range(3000))
 
 
-async def assert_pullable(client, repo: str, digest: str, data: bytes) -> None:
-    r = await client.get(f"/v2/{repo}/blobs/{digest}")
-    assert r.status == 200, await r.text()
-    assert await r.read() == data
-    assert r.headers["Docker-Content-Digest"] == digest
-    r = await client.head(f"/v2/{repo}/blobs/{digest}")
-    assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
 
 
 def assert_created(r, repo: str, digest: str) -> None:
