@@ -139,7 +139,8 @@ def cmd_reindex(args: argparse.Namespace) -> None:
 def cmd_gc(args: argparse.Namespace) -> None:
     cfg = _config(args)
     _logging(cfg)
-    from registry.maintenance.gc import collect, full_walk
+    from registry.maintenance.gc import collect
+    from registry.maintenance.repair import full_walk
     from registry.progress import Progress
 
     async def run(svc):  # type: ignore[no-untyped-def]
@@ -172,9 +173,16 @@ def cmd_gc(args: argparse.Namespace) -> None:
     print(f"{verb}: {result.blobs_deleted} blobs, {result.manifests_deleted} manifests, "
           f"{result.uploads_deleted} uploads; {result.bytes_reclaimed} bytes reclaimed "
           f"(reviewed {result.reviewed} in {result.duration:.2f}s, {result.pending} still queued)")
+    if result.trash_restored or result.trash_discarded:
+        print(f"left set aside by an interrupted removal: {result.trash_restored} "
+              f"{'would be ' if result.dry_run else ''}restored, {result.trash_discarded} "
+              f"{'would be ' if result.dry_run else ''}discarded")
     if full is not None:
         print(f"full walk: {len(full['orphan_files_deleted'])} orphan files {verb}, "
               f"{len(full['rows_without_file'])} rows without a file (run registry reindex)")
+        if full["layouts_not_imported"]:
+            print(f"layouts not imported yet, left alone (run registry reindex): "
+                  f"{', '.join(full['layouts_not_imported'])}")
 
 
 def cmd_scrub(args: argparse.Namespace) -> None:

@@ -168,6 +168,9 @@ class PostgresConfig:
     schema: str = key("schema", default="public")
     pool_size: int = key("poolSize", default=10)
     connect_timeout: Duration = key("connectTimeout", default=Duration(10))
+    # A statement unanswered this long fails (503) and its connection is replaced: a server that
+    # stops answering without closing the connection must not hang requests. 0: no limit.
+    query_timeout: Duration = key("queryTimeout", default=Duration(60))
     # Shown in pg_stat_activity: lets an operator (or a test) tell these connections apart.
     application_name: str = key("applicationName", default="registry")
 

@@ -55,6 +55,17 @@ async def test_blob_link_size_unlink(meta):
     assert await meta.blob_size("a", D[0]) is None
 
 
+async def test_digest_held_by_blob_or_manifest_rows(meta):
+    assert not await meta.digest_held(D[30])
+    await meta.blob_link("held/a", D[30], 3, FUTURE)
+    assert await meta.digest_held(D[30])
+    await meta.manifest_put("held/b", manifest(D[31]), [], FUTURE)
+    assert await meta.digest_held(D[31]) and await meta.blob_holder(D[31]) is None
+    await meta.blob_unlink("held/a", D[30])
+    await meta.manifest_delete("held/b", D[31])
+    assert not await meta.digest_held(D[30]) and not await meta.digest_held(D[31])
+
+
 async def test_manifest_put_checks_references(meta):
     m = manifest(D[10], [Ref(D[0], "blob", 5), Ref(D[1], "blob", 7)])
     with pytest.raises(BadReferences) as exc:
@@ -138,19 +149,94 @@ async def test_referrers(meta):
     assert await meta.referrers("b", D[30], None) == []
 
 
-async def test_layout_generation(meta):
+async def test_layout_rewrite_covers_what_it_read(meta):
     await meta.blob_link("a", D[0], 5, FUTURE)
-    g0 = await meta.layout_generation("a")
     await meta.manifest_put("a", manifest(D[10], [Ref(D[0], "blob", 5)]), ["v1"], FUTURE)
-    g1 = await meta.layout_generation("a")
-    assert g1 > g0 and "a" in await meta.layout_stale()
-    await meta.layout_synced("a", g1)
-    assert "a" not in await meta.layout_stale()
-    await meta.tag_delete("a", "v1")
-    assert await meta.layout_generation("a") > g1 and "a" in await meta.layout_stale()
-    await meta.layout_synced("a", g0)  # never moves back
-    await meta.layout_synced("a", await meta.layout_generation("a"))
+    assert "a" in await meta.layout_stale()
+    async with meta.layout_rewrite("a") as entries:
+        assert [(e.tag, e.digest) for e in entries] == [("v1", D[10])]
     assert await meta.layout_stale() == []
+    # A rewrite that fails keeps the repository stale.
+    await meta.tag_delete("a", "v1")
+    with pytest.raises(RuntimeError):
+        async with meta.layout_rewrite("a") as entries:
+            assert [(e.tag, e.digest) for e in entries] == [(None, D[10])]
+            raise RuntimeError("index.json could not be written")
+    assert await meta.layout_stale() == ["a"]
+    # A change committed after the rewrite read its entries is not covered by it.
+    async with meta.layout_rewrite("a") as entries:
+        await meta.manifest_put("a", manifest(D[11], [Ref(D[0], "blob", 5)]), ["v2"], FUTURE)
+    assert await meta.layout_stale() == ["a"]
+    async with meta.layout_rewrite("a") as entries:
+        assert [(e.tag, e.digest) for e in entries] == [(None, D[10]), ("v2", D[11])]
+    assert await meta.layout_stale() == []
+
+
+async def test_layout_rewrites_exclude_each_other(meta):
+    """Two rewrites of one repository never overlap (across processes: an advisory lock on
+    PostgreSQL, a file lock on SQLite); other repositories are not held up."""
+    await meta.blob_link("a", D[0], 5, FUTURE)
+    inside, order = 0, []
+
+    async def rewrite(repo: str, n: int) -> None:
+        nonlocal inside
+        async with meta.layout_rewrite(repo):
+            if repo == "a":
+                inside += 1
+                assert inside == 1
+            order.append((repo, n))
+            await asyncio.sleep(0.02)
+            if repo == "a":
+                inside -= 1
+    await asyncio.gather(*(rewrite("a", i) for i in range(4)), rewrite("b", 0))
+    assert len(order) == 5
+
+
+async def test_concurrent_lookups_each_get_their_own_answer(meta):
+    """Many lookups at once (on PostgreSQL they share statements: meta/pg_batch.py), mixed
+    kinds, hits and misses: each caller gets exactly the answer for its own key."""
+    expect_tags: dict[str, list[str]] = {}
+    expect_manifest: dict[tuple[str, str], str] = {}
+    for r, repo in enumerate(["a", "team/b", "team/b/c"]):
+        await meta.blob_link(repo, D[r], 5 + r, FUTURE)
+        for i in range(6):
+            digest = D[20 + 10 * r + i]
+            tags = [f"t{i}", f"x{i}"] if i % 2 else [f"t{i}"]
+            await meta.manifest_put(repo, manifest(digest, [Ref(D[r], "blob", 5 + r)]), tags, FUTURE)
+            expect_manifest[(repo, digest)] = digest
+            for t in tags:
+                expect_manifest[(repo, t)] = digest
+        expect_tags[repo] = sorted(f"{p}{i}" for i in range(6) for p in ("t", "x") if p == "t" or i % 2)
+
+    async def check(k: int) -> None:
+        repo = ["a", "team/b", "team/b/c", "nope"][k % 4]
+        r = ["a", "team/b", "team/b/c"].index(repo) if repo != "nope" else 0
+        kind = (k // 4) % 4
+        if kind == 0:
+            ref = [f"t{k % 7}", f"x{k % 7}", D[20 + 10 * r + k % 7]][k % 3]
+            m = await meta.manifest_get(repo, ref)
+            want = expect_manifest.get((repo, ref))
+            assert (m.digest if m else None) == want, (repo, ref)
+        elif kind == 1:
+            st = await meta.blob_stat(repo, D[r])
+            assert (st.size if st else None) == (None if repo == "nope" else 5 + r)
+            st = await meta.blob_stat(repo, D[20 + 10 * r])  # a manifest counts, with its size
+            assert (st is not None) == (repo != "nope")
+        elif kind == 2:
+            n, last = [None, 2, 5][k % 3], ["", "t1", "x3"][k % 3]
+            got = await meta.tags(repo, n, last or None)
+            if repo == "nope":
+                assert got is None
+            else:
+                want = [t for t in expect_tags[repo] if t > last]
+                assert got == (want if n is None else want[:n]), (repo, n, last)
+        else:
+            assert await meta.blob_size(repo, D[r]) == (None if repo == "nope" else 5 + r)
+
+    await asyncio.gather(*(check(k) for k in range(400)))
+    await meta.tag_delete("a", "t0")  # and a change is seen by the next lookups
+    assert await meta.manifest_get("a", "t0") is None
+    assert "t0" not in await meta.tags("a", None, None)
 
 
 async def test_upload_sessions(meta):

@@ -361,6 +361,39 @@ async def test_backend_killed_in_the_middle_of_a_manifest_push(aiohttp_client, t
     assert _index_tags(root, "kill/app") == {"v1": new.digest}
 
 
+async def test_statement_waiting_past_the_query_timeout(aiohttp_client, tmp_path, pg_dsn, pg_schema, admin):
+    """A database that holds a statement (here: behind a lock) fails the request after
+    meta.postgres.queryTimeout with 503 instead of hanging it; the server cancels the statement,
+    so nothing of the push is applied, not even once the lock goes."""
+    root = tmp_path / "data"
+    cfg = _config(root, pg_dsn, pg_schema)
+    cfg = cfg.replace(meta={"driver": "postgres", "postgres": {**_pg_fields(cfg), "query_timeout": 1}})
+    client = await aiohttp_client(create_app(cfg))
+    old, new = Image("old"), Image("new")
+    await _push_blobs(client, "slow/app", old)
+    await _push_blobs(client, "slow/app", new)
+    assert (await _put_manifest(client, "slow/app", "v1", old)).status == 201
+
+    async with _table_locked(pg_dsn, pg_schema, "tags"):
+        start = time.monotonic()
+        r = await _put_manifest(client, "slow/app", "v1", new)
+        waited = time.monotonic() - start
+        await _assert_503(r)
+        assert 0.9 < waited < 5, waited
+        r = await client.get("/v2/slow/app/tags/list")  # readers are not blocked meanwhile
+        assert r.status == 200
+    await asyncio.sleep(0.2)
+    await assert_error(await client.get(f"/v2/slow/app/manifests/{new.digest}"), 404, "MANIFEST_UNKNOWN")
+    r = await client.get("/v2/slow/app/manifests/v1")
+    assert await r.read() == old.manifest
+    assert (await _put_manifest(client, "slow/app", "v1", new)).status == 201
+
+
+def _pg_fields(cfg: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+    return asdict(cfg.meta.postgres)
+
+
 async def test_backend_killed_in_the_middle_of_an_upload(aiohttp_client, tmp_path, pg_dsn, pg_schema, admin):
     """A chunk whose length could not be recorded is not acknowledged, and the session goes on
     from the last acknowledged byte; a finish whose blob row could not be written leaves the

@@ -37,8 +37,8 @@ def new_app(request, aiohttp_client, root):
 
 def layout_on_disk(new_app) -> None:
     if new_app.on_s3:
-        pytest.skip("imports an OCI layout copied under the root directory: on S3 the blobs are in the bucket "
-                    "and reindex walks local layouts only")
+        pytest.skip("imports an OCI layout copied under the root directory at start-up: on S3 the blobs are in "
+                    "the bucket, and registry reindex imports them (tests/test_reindex.py)")
 
 
 @pytest.mark.parametrize("alg", ["sha256", "sha512", "blake3"])

@@ -135,6 +135,47 @@ async def test_walk_and_list_dirs(store):
     assert [item async for item in store.walk("nothing/here")] == []
 
 
+async def test_walk_mtime_and_list_dir(store):
+    import time
+    before = time.time()
+    for key in ("y/one/oci-layout", "y/one/blobs/sha256/aa", "y/two/index.json", "y/file"):
+        await store.write(key, b"123")
+    after = time.time()
+    found = sorted([item async for item in store.walk_mtime("y/one")])
+    assert [(k, n) for k, n, _ in found] == [("y/one/blobs/sha256/aa", 3), ("y/one/oci-layout", 3)]
+    assert all(before - 5 < when < after + 5 for _, _, when in found), found  # S3 keeps whole seconds
+    assert await store.list_dir("y") == (["one", "two"], ["file"])
+    assert await store.list_dir("y/one") == (["blobs"], ["oci-layout"])
+    assert await store.list_dir("y/none") == ([], [])
+    dirs, _ = await store.list_dir("")
+    assert "y" in dirs
+
+
+async def test_set_aside_names_carry_their_key(store):
+    """A crash between set_aside and restore/discard leaves an object a sweep can finish:
+    its name says where it came from, and set_aside_list says when it was set aside."""
+    import time
+    from registry.storage.base import aside_key
+    await store.write("r/app/blobs/sha256/ee", b"set aside")
+    t0 = time.time()
+    aside = await store.set_aside("r/app/blobs/sha256/ee")
+    assert aside.startswith("_trash/") and aside_key(aside) == "r/app/blobs/sha256/ee"
+    await store.write("_trash/" + "f" * 32, b"named before keys were kept")
+    listed = {name: (key, when) for name, key, when in await store.set_aside_list()}
+    assert set(listed) == {aside, "_trash/" + "f" * 32}
+    assert listed[aside][0] == "r/app/blobs/sha256/ee" and listed["_trash/" + "f" * 32][0] is None
+    assert t0 - 5 < listed[aside][1] < time.time() + 5
+    await store.restore(aside, "r/app/blobs/sha256/ee")
+    assert await store.read("r/app/blobs/sha256/ee") == b"set aside"
+    await store.discard(aside)
+    await store.discard("_trash/" + "f" * 32)
+    assert await store.set_aside_list() == []
+    if store.local_path("") is not None:  # no empty directories left behind either
+        assert list((store.local_path("") / "_trash").iterdir()) == []
+    with pytest.raises(NotFound):
+        await store.restore(aside, "r/app/blobs/sha256/ee2")
+
+
 async def test_blob_keys(store):
     d = digest_of(b"k")
     if store.shared_blobs:

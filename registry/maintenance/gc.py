@@ -10,6 +10,9 @@ those while they were in use (which writes nothing) and must keep that delay to
 push a manifest naming them. So an index, its children and their blobs go in
 successive passes, one gcDelay apart. Expired upload sessions and their data go
 too. Passes never overlap, across replicas included (the "gc" lock).
+
+A full pass (not one repository) also sweeps what a crash left set aside
+(sweep_trash). The storage walk of ``registry gc --full`` is in repair.py.
 """
 from __future__ import annotations
 
@@ -20,13 +23,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 from registry.digest import parse_digest
+from registry.errors import RegistryError
 from registry.keys import Services
 from registry.meta.base import Candidate
+from registry.reference import NAME_RE
+from registry.storage.base import NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BATCH = 500
 REPORT_LIMIT = 10000  # deleted items listed in a result (the counts are always complete)
+# A set-aside object younger than this may still be in a removal's hands: an S3 server-side
+# copy of a huge blob takes minutes between set_aside and restore/discard.
+TRASH_GRACE = 3600.0
 
 
 @dataclass
@@ -40,6 +49,8 @@ class GCResult:
     uploads_deleted: int = 0
     bytes_reclaimed: int = 0  # logical: a deduplicated file frees disk only with its last holder
     pending: int = 0
+    trash_restored: int = 0  # set-aside objects put back under their key (see sweep_trash)
+    trash_discarded: int = 0
     deleted: list[dict[str, object]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -56,6 +67,8 @@ async def collect(svc: Services, *, delete_untagged: bool, upload_ttl: float, dr
         total = await svc.meta.gc_pending(now)
         await _round(svc, result, now, now + svc.blobs.gc_delay(), delete_untagged, dry_run, repo, total, progress)
         await _expire_uploads(svc, result, now - upload_ttl, dry_run, repo)
+        if repo is None:
+            result.trash_restored, result.trash_discarded = await sweep_trash(svc, now=now, dry_run=dry_run)
         result.pending = await svc.meta.gc_pending(time.time())
     result.duration = time.monotonic() - t0
     return result
@@ -181,39 +194,58 @@ class GCStats:
                                 "When the last GC pass ended.", value=self.last_success)
 
 
-async def full_walk(svc: Services, *, older_than: float, dry_run: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, list[str]]:
-    """Repair by walking storage (``registry gc --full``): files under a layout's
-    blobs/ that no row accounts for and that are older than ``older_than`` are
-    deleted (a crash between placing a file and recording it); rows whose file is
-    missing are reported for ``registry reindex``."""
-    from registry.maintenance.reindex import find_layouts
-    root = svc.storage.local_path("")
-    report: dict[str, list[str]] = {"orphan_files_deleted": [], "rows_without_file": []}
-    if root is None:
-        return report
-    repos = find_layouts(root)
-    for i, repo in enumerate(repos):
-        async for key, _size in svc.storage.walk(f"{repo}/blobs"):
-            parts = key[len(repo) + 1:].split("/")
-            if len(parts) != 3 or parts[2].startswith("."):
+async def sweep_trash(svc: Services, *, now: float, dry_run: bool = False,
+                      grace: float = TRASH_GRACE) -> tuple[int, int]:
+    """Finish the set-aside protocol of removals a crash interrupted (services/blobs.py,
+    remove_content): an object set aside more than ``grace`` ago goes back under its key
+    when that key is missing and the metadata store still holds the content (a push of the
+    same digest raced the removal), and is discarded otherwise. Returns (restored, discarded)."""
+    storage = svc.storage
+    restored = discarded = 0
+    for aside, key, when in await storage.set_aside_list():
+        if when > now - grace:
+            continue
+        put_back = key is not None and await _held(svc, key) and not await _stored(svc, key)
+        if dry_run:
+            restored, discarded = restored + put_back, discarded + (not put_back)
+            continue
+        if put_back:
+            try:
+                await storage.restore(aside, key)  # type: ignore[arg-type]
+            except NotFound:  # finished by someone else meanwhile
                 continue
-            digest = f"{parts[1]}:{parts[2]}"
-            if await svc.meta.blob_size(repo, digest) is not None:
-                continue
-            path = svc.storage.local_path(key)
-            if path is not None and path.stat().st_mtime >= older_than:
-                continue
-            report["orphan_files_deleted"].append(key)
-            if not dry_run:
-                try:
-                    await svc.blobs.remove_content(repo, parse_digest(digest))
-                except Exception:  # a name that is no digest: leave it
-                    continue
-        for c in await svc.meta.gc_candidates(float("inf"), 1 << 30, repo):
-            path = svc.storage.local_path(f"{repo}/{parse_digest(c.digest).path}")
-            if path is not None and not path.exists():
-                report["rows_without_file"].append(f"{repo}@{c.digest}")
-        if progress:
-            progress(i + 1, len(repos))
-    return report
+            restored += 1
+        else:
+            discarded += 1
+        await storage.discard(aside)
+    if restored or discarded:
+        log.warning("gc: %s %d and %s %d objects a crash left set aside", "would restore" if dry_run else "restored",
+                    restored, "would discard" if dry_run else "discarded", discarded)
+    return restored, discarded
+
+
+async def _held(svc: Services, key: str) -> bool:
+    """Whether the metadata store holds what a set-aside key stored: a row of the repository
+    for ``<repo>/blobs/<alg>/<hex>``, any holder for a shared ``blobs/<alg>/<hex>`` (behind a
+    router ``_sub/<n>/blobs/...``), as remove_content decides."""
+    parts = key.split("/")
+    if len(parts) >= 5 and parts[0] == "_sub":
+        parts = parts[2:]
+    if len(parts) < 3 or parts[-3] != "blobs":
+        return False
+    try:
+        digest = str(parse_digest(f"{parts[-2]}:{parts[-1]}"))
+    except RegistryError:
+        return False
+    repo = "/".join(parts[:-3])
+    if not repo:
+        return await svc.meta.blob_holder(digest) is not None
+    return NAME_RE.fullmatch(repo) is not None and await svc.meta.blob_size(repo, digest) is not None
+
+
+async def _stored(svc: Services, key: str) -> bool:
+    try:
+        await svc.storage.stat(key)
+    except NotFound:
+        return False
+    return True

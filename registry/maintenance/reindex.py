@@ -1,17 +1,21 @@
 """Rebuild the metadata of repositories from their OCI layouts on storage.
 
 On start-up, layout directories the metadata store does not know (an existing
-layout copied under the root) are imported; ``registry reindex`` re-imports
+layout copied under a local root) are imported; ``registry reindex`` re-imports
 every layout, repairing rows whose content is gone and adding what is missing.
+Layouts are found through the storage, so ``registry reindex`` works on every
+driver; start-up import looks at local disks only (on S3 it would list the
+bucket at every start).
+
+With shared blobs (S3 with dedupe) a blob's content lives at one key per digest:
+a layer a copied-in layout holds under ``<repo>/blobs/`` is linked there, and a
+blob a manifest refers to that the layout does not hold is found there.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from registry.digest import ALGORITHMS, parse_digest
 from registry.errors import RegistryError
@@ -20,6 +24,7 @@ from registry.meta.base import BadReferences
 from registry.reference import NAME_RE, is_tag
 from registry.services.layout import REF_NAME
 from registry.services.manifests import KNOWN_TYPES, parse
+from registry.storage.base import NotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +38,58 @@ class ReindexResult:
     problems: list[str] = field(default_factory=list)
 
 
-def find_layouts(root: Path) -> list[str]:
-    """Repository names of every directory under root holding an ``oci-layout`` file."""
+async def find_layouts(storage: Storage, *, local_only: bool = False) -> list[str]:
+    """Repository names of every directory holding an ``oci-layout`` object, one directory
+    level at a time (on S3 a delimited listing each), skipping ``_``/``.`` directories and a
+    layout's own ``blobs/``. ``local_only``: only below roots on a local disk."""
     found = []
-    for dirpath, dirs, files in os.walk(root):
-        rel = Path(dirpath).relative_to(root).as_posix()
-        dirs[:] = [d for d in dirs if not d.startswith(("_", ".")) and not (d == "blobs" and "oci-layout" in files)]
-        if "oci-layout" in files and rel != "." and NAME_RE.fullmatch(rel):
-            found.append(rel)
+    todo = [""]
+    while todo:
+        prefix = todo.pop()
+        if local_only and storage.local_path(prefix) is None:
+            continue
+        dirs, files = await storage.list_dir(prefix)
+        layout = "oci-layout" in files
+        if layout and prefix and NAME_RE.fullmatch(prefix):
+            found.append(prefix)
+        todo += [f"{prefix}/{d}" if prefix else d for d in dirs
+                 if not d.startswith(("_", ".")) and not (layout and d == "blobs")]
     return sorted(found)
+
+
+async def _link_blob(svc: Services, repo: str, digest: str, size: int) -> None:
+    """Record a blob the layout holds; with shared blobs, first make sure the shared key has it."""
+    d = parse_digest(digest)
+    own, key = f"{repo}/{d.path}", svc.blobs.key(repo, d)
+    if key == own:
+        await svc.meta.blob_link(repo, digest, size, svc.blobs.review_after())
+        return
+
+    async def place() -> None:
+        await svc.storage.link(own, key)
+    await place()
+    await svc.blobs.link_placed(repo, d, size, place)  # a GC pass may take the shared object meanwhile
+
+
+async def _link_shared(svc: Services, repo: str, manifests: dict[str, object], sizes: dict[str, int]) -> int:
+    """Link the blobs manifests refer to that the layout does not hold but the shared key does
+    (a repository pushed through the registry keeps only its manifests under its own key)."""
+    linked = 0
+    for m in manifests.values():
+        for ref in getattr(m, "refs", []):
+            if ref.kind != "blob" or ref.digest in sizes:
+                continue
+            d = parse_digest(ref.digest)
+            if svc.blobs.key(repo, d) == f"{repo}/{d.path}":
+                continue
+            try:
+                size = await svc.storage.stat(svc.blobs.key(repo, d))
+            except NotFound:
+                continue  # reported by manifest_put as missing
+            sizes[ref.digest] = size
+            await svc.meta.blob_link(repo, ref.digest, size, svc.blobs.review_after())
+            linked += 1
+    return linked
 
 
 async def import_layout(svc: Services, repo: str, result: ReindexResult) -> None:
@@ -95,8 +143,9 @@ async def import_layout(svc: Services, repo: str, result: ReindexResult) -> None
             tagged.append((tag, digest))
     for digest, size in sizes.items():
         if digest not in manifests:
-            await meta.blob_link(repo, digest, size, svc.blobs.review_after())
+            await _link_blob(svc, repo, digest, size)
             result.blobs += 1
+    result.blobs += await _link_shared(svc, repo, manifests, sizes)
     # Children before parents, so every manifest's references exist when it is put.
     done: set[str] = set()
 
@@ -127,12 +176,9 @@ async def import_layout(svc: Services, repo: str, result: ReindexResult) -> None
     await svc.layout.sync(repo)
 
 
-async def reindex(svc: Services, *, only_new: bool) -> ReindexResult:
+async def reindex(svc: Services, *, only_new: bool, local_only: bool = False) -> ReindexResult:
     result = ReindexResult()
-    root = svc.storage.local_path("")
-    if root is None:
-        return result
-    for repo in await asyncio.get_running_loop().run_in_executor(None, find_layouts, root):
+    for repo in await find_layouts(svc.storage, local_only=local_only):
         if only_new and await svc.meta.repo_exists(repo):
             continue
         await import_layout(svc, repo, result)
@@ -142,7 +188,11 @@ async def reindex(svc: Services, *, only_new: bool) -> ReindexResult:
 
 
 async def reindex_new_layouts(svc: Services) -> None:
-    result = await reindex(svc, only_new=True)
+    """Start-up import. Local disks only: on S3 this would list the bucket level by level at
+    every start (requests that cost money and time); there ``registry reindex`` imports."""
+    if svc.storage.local_path("") is None:
+        return
+    result = await reindex(svc, only_new=True, local_only=True)
     if result.repositories:
         log.info("imported %d OCI layout(s): %d manifests, %d tags, %d blobs", result.repositories,
                  result.manifests, result.tags, result.blobs)

@@ -3,8 +3,10 @@ upload sessions. It is transactional: a manifest push checks and links its
 references in one transaction, so it meets GC here rather than on disk."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, Protocol
+from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, Protocol
 
 
 # review_after of a row GC has reviewed and found in use: it is no candidate
@@ -147,10 +149,10 @@ class MetaStore(Protocol):
     async def catalog(self, n: int | None, last: str | None) -> list[str]: ...
     async def repo_exists(self, repo: str) -> bool: ...
     async def layout_entries(self, repo: str) -> list[LayoutEntry]: ...
-    async def layout_generation(self, repo: str) -> int:
-        """A counter every tag or manifest change of the repository bumps."""
-    async def layout_synced(self, repo: str, generation: int) -> None:
-        """index.json reflects every change up to ``generation``."""
+    def layout_rewrite(self, repo: str) -> AsyncContextManager[list[LayoutEntry]]:
+        """Held by one process (or replica) at a time per repository: yields what index.json
+        must list, read once the lock is held; leaving the block without an error counts every
+        change that reading covered as written out."""
     async def layout_stale(self) -> list[str]:
         """Repositories whose index.json may lag behind (after a crash)."""
 
@@ -181,6 +183,9 @@ class MetaStore(Protocol):
         (now + gcDelay: a client may have checked them while they were in use,
         which wrote nothing, so they get the whole delay from now on)."""
     async def gc_pending(self, now: float) -> int: ...
+    async def digest_held(self, digest: str) -> bool:
+        """Whether any repository holds the digest, as a blob or as a manifest (the storage
+        walk of ``registry gc --full``, for an object shared by every repository)."""
 
     # scrub
     async def checksum_put(self, digest: str, xxh3: str) -> None: ...
@@ -209,3 +214,44 @@ class Counts:
     uploads: int  # open upload sessions
     logical_bytes: int  # blobs and manifests, once per repository holding them
     unique_bytes: int  # blobs and manifests, once per digest
+
+
+class NamedLocks:
+    """asyncio locks by name, for stores whose cross-process lock does not exclude callers
+    of one process from each other (fcntl locks belong to the process); a name's lock is
+    forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+
+class GenerationLayout:
+    """layout_rewrite for stores that count a repository's changes in a generation
+    (SQLite, whose single writer serializes pushes anyway, and the in-memory store)."""
+
+    exclusive: Callable[[str], AsyncContextManager[None]]
+    layout_entries: Callable[[str], Awaitable[list[LayoutEntry]]]
+    layout_generation: Callable[[str], Awaitable[int]]
+    layout_synced: Callable[[str, int], Awaitable[None]]
+
+    @contextlib.asynccontextmanager
+    async def layout_rewrite(self, repo: str) -> AsyncIterator[list[LayoutEntry]]:
+        async with self.exclusive(f"layout:{repo}"):
+            generation = await self.layout_generation(repo)
+            yield await self.layout_entries(repo)
+            await self.layout_synced(repo, generation)

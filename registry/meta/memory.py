@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 
 from typing import AsyncIterator
 
-from registry.meta.base import (NEVER, BadReferences, BlobStat, Candidate, LayoutEntry, Manifest, Reach, ScrubItem,
-                                ScrubState, Upload)
+from registry.meta.base import (NEVER, BadReferences, BlobStat, Candidate, GenerationLayout, LayoutEntry, Manifest,
+                                NamedLocks, Reach, ScrubItem, ScrubState, Upload)
 
 from registry.meta.memory_dedupe import MemoryDedupe
 
@@ -26,13 +26,14 @@ class _Repo:
     damaged: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, digest) -> finding
 
 
-class MemoryMeta(MemoryDedupe):
+class MemoryMeta(MemoryDedupe, GenerationLayout):
     def __init__(self) -> None:
         self._repos: dict[str, _Repo] = {}
         self._uploads: dict[str, Upload] = {}
         self._checksums: dict[str, str] = {}
         self._leases: dict[str, tuple[str, float]] = {}  # upload id -> (writer, until)
         self._scrub = ScrubState(None, None, None)
+        self._local_locks = NamedLocks()
 
     async def open(self) -> None:
         pass
@@ -45,7 +46,8 @@ class MemoryMeta(MemoryDedupe):
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
-        yield  # one process: callers' own asyncio locks suffice
+        async with self._local_locks.hold(name):
+            yield
 
     def _repo(self, name: str) -> _Repo:
         return self._repos.setdefault(name, _Repo())
@@ -302,6 +304,9 @@ class MemoryMeta(MemoryDedupe):
 
     async def gc_pending(self, now: float) -> int:
         return len(self._queue(now))
+
+    async def digest_held(self, digest: str) -> bool:
+        return any(digest in r.blobs or digest in r.manifests for r in self._repos.values())
 
     # -- scrub
     async def checksum_put(self, digest: str, xxh3: str) -> None:

@@ -18,6 +18,8 @@ import asyncpg
 
 from registry.config import PostgresConfig
 from registry.meta import migrate
+from registry.meta.pg_batch import Batcher
+from registry.meta.pg_pool import ConnectionPool
 from registry.meta.base import NEVER, BadReferences, BlobStat, LayoutEntry, Manifest, MetaError, Upload
 from registry.meta.postgres_gc import PostgresGC
 from registry.meta.postgres_scrub import PostgresScrub
@@ -33,14 +35,31 @@ _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, as
               asyncpg.InternalClientError)
 
 
-def _manifest(row: Any) -> Manifest:
-    return Manifest(digest=row[0], media_type=row[1], size=row[2], payload=bytes(row[3]), subject=row[4],
-                    artifact_type=row[5], annotations=json.loads(row[6]) if row[6] else None,
-                    review_after=row[7])
+def _manifest(row: Any, o: int = 0) -> Manifest:
+    """A Manifest from _MANIFEST_COLS starting at column ``o``."""
+    return Manifest(digest=row[o], media_type=row[o + 1], size=row[o + 2], payload=bytes(row[o + 3]),
+                    subject=row[o + 4], artifact_type=row[o + 5],
+                    annotations=json.loads(row[o + 6]) if row[o + 6] else None, review_after=row[o + 7])
 
 
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    return None
+# The lookups of the request path, each answering a batch of keys (see pg_batch.py): the
+# first column is the key's position. COLLATE "C" lets the names use their btree.
+_BY_TAG = (f"SELECT q.i, {_MANIFEST_COLS} FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q (repo, ref, i) "
+           'JOIN repositories r ON r.name = q.repo COLLATE "C" '
+           'JOIN tags t ON t.repo_id = r.id AND t.name = q.ref COLLATE "C" '
+           "JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest")
+_BY_DIGEST = (f"SELECT q.i, {_MANIFEST_COLS} FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
+              'AS q (repo, ref, i) JOIN repositories r ON r.name = q.repo COLLATE "C" '
+              "JOIN manifests m ON m.repo_id = r.id AND m.digest = q.ref")
+_BLOB_STAT = ("SELECT q.i, x.size, x.review_after, x.damaged FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
+              'AS q (repo, digest, i) JOIN repositories r ON r.name = q.repo COLLATE "C" CROSS JOIN LATERAL '
+              "(SELECT b.size, b.review_after, b.damaged FROM repo_blobs b WHERE b.repo_id = r.id "
+              "AND b.digest = q.digest UNION ALL SELECT m.size, $3::float8, NULL::text FROM manifests m "
+              "WHERE m.repo_id = r.id AND m.digest = q.digest LIMIT 1) x")
+_TAGS = ("SELECT q.i, (SELECT coalesce(array_agg(s.name ORDER BY s.name), '{}') FROM (SELECT name FROM tags "
+         'WHERE repo_id = r.id AND name > q.last COLLATE "C" ORDER BY name LIMIT q.n) s) '
+         "FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS q (repo, last, n, i) "
+         'JOIN repositories r ON r.name = q.repo COLLATE "C"')
 
 
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
@@ -67,20 +86,22 @@ def _describe(exc: BaseException) -> str:
 class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
-        self.pool: asyncpg.Pool | None = None
-        # Advisory locks are held on connections of their own: a lock holder
-        # that waited for a query connection from the same pool could deadlock.
-        self.lock_pool: asyncpg.Pool | None = None
+        self.pool: ConnectionPool | None = None
+        self.lock_pool: ConnectionPool | None = None
+        self._batchers: dict[str, Batcher[Any]] = {}
 
     # -- pool and migrations
     async def open(self) -> None:
         try:
-            # Query connections never hold session state (advisory locks live on the lock
-            # pool), so releasing one skips asyncpg's reset query: a round trip per request.
-            self.pool = await asyncpg.create_pool(min_size=1, max_size=self.cfg.pool_size, reset=_no_reset,
-                                                  **connect_kwargs(self.cfg))
-            self.lock_pool = await asyncpg.create_pool(min_size=0, max_size=max(2, self.cfg.pool_size // 2),
-                                                       **connect_kwargs(self.cfg))
+            kw = connect_kwargs(self.cfg)
+            if self.cfg.query_timeout:  # the server cancels (and rolls back) a statement that waits too long
+                kw["server_settings"]["statement_timeout"] = str(int(float(self.cfg.query_timeout) * 1000))
+            self.pool = ConnectionPool(self.cfg.pool_size, self.cfg.query_timeout or None, **kw)
+            await self.pool.open()
+            # Advisory locks are held on connections of their own: a lock holder that waited
+            # for a query connection from the same pool could deadlock. No statement timeout:
+            # waiting for a lock another replica holds (a GC pass) may take long.
+            self.lock_pool = ConnectionPool(max(2, self.cfg.pool_size // 2), None, **connect_kwargs(self.cfg))
         except (*_TRANSIENT, asyncpg.PostgresError) as exc:
             raise MetaError(f"cannot connect to PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
         try:
@@ -90,6 +111,9 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             raise
 
     async def close(self) -> None:
+        for b in self._batchers.values():
+            await b.close()
+        self._batchers.clear()
         for pool in (self.pool, self.lock_pool):
             if pool is not None:
                 await pool.close()
@@ -97,54 +121,126 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
 
     async def migrate(self) -> int:
         """Apply pending migrations under an advisory lock (replicas may start together)."""
-        assert self.pool is not None
-        async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-            try:
-                if self.cfg.schema != "public":
-                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.cfg.schema}"')
-                await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                                   "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
-                have = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-                if have and max(have) > migrate.latest("postgres"):
-                    raise migrate.SchemaTooNew(migrate.too_new_message(max(have), "postgres"))
-                for version, name, sql in migrate.migrations("postgres"):
-                    if version in have:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(sql)
-                        await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
-                                           version, name, time.time())
-                return max(have | {v for v, _, _ in migrate.migrations("postgres")})
-            except asyncpg.PostgresError as exc:
-                raise MetaError(f"migrating PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        # A connection of its own: no statement timeout for a long migration or the wait for
+        # another replica's.
+        try:
+            conn = await asyncpg.connect(**connect_kwargs(self.cfg))
+        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+            raise MetaError(f"cannot connect to PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+        try:
+            return await self._migrate(conn)
+        finally:
+            await conn.close()
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[None]:
-        """A session advisory lock, held on one pooled connection while the caller works."""
+    async def _migrate(self, conn: asyncpg.Connection) -> int:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            if self.cfg.schema != "public":
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.cfg.schema}"')
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                               "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+            have = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            if have and max(have) > migrate.latest("postgres"):
+                raise migrate.SchemaTooNew(migrate.too_new_message(max(have), "postgres"))
+            for version, name, sql in migrate.migrations("postgres"):
+                if version in have:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
+                                       version, name, time.time())
+            return max(have | {v for v, _, _ in migrate.migrations("postgres")})
+        except asyncpg.PostgresError as exc:
+            raise MetaError(f"migrating PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+    async def _lock_conn(self) -> asyncpg.Connection:
         if self.lock_pool is None:
             raise MetaError("metadata store not open")
         try:
-            conn = await self.lock_pool.acquire()
+            return await self.lock_pool.take()
         except _TRANSIENT as exc:
             raise MetaError(f"PostgreSQL at {self.cfg.where()} unavailable: {_describe(exc)}") from None
+
+    def _lock_done(self, conn: asyncpg.Connection, clean: bool) -> None:
+        """A lock connection goes back only when its lock was released; otherwise it is
+        terminated, which releases the lock server-side."""
+        assert self.lock_pool is not None
+        if clean:
+            self.lock_pool.give(conn)
+        else:
+            self.lock_pool.drop(conn)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """A session advisory lock, held on a connection of the lock pool while the caller works."""
+        name = f"{self.cfg.schema}/{name}"  # scoped by schema: advisory locks are database-wide
+        conn = await self._lock_conn()
+        clean = False
         try:
-            # Scoped by schema: advisory locks are database-wide, a store is a schema.
-            name = f"{self.cfg.schema}/{name}"
-            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", name)
+            try:
+                await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", name)
+            except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+                raise MetaError(f"PostgreSQL lock {name!r}: {_describe(exc)}") from None
             try:
                 yield
             finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", name)
-        except (*_TRANSIENT, asyncpg.PostgresError) as exc:
-            raise MetaError(f"PostgreSQL lock {name!r}: {_describe(exc)}") from None
+                with contextlib.suppress(*_TRANSIENT, asyncpg.PostgresError):
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", name)
+                    clean = True
         finally:
-            # A connection the server killed fails its reset here; the pool has dropped it, and
-            # the session's lock went with it.
-            with contextlib.suppress(*_TRANSIENT, asyncpg.PostgresError):
-                await self.lock_pool.release(conn)
+            self._lock_done(conn, clean)
+
+    @contextlib.asynccontextmanager
+    async def layout_rewrite(self, repo: str) -> AsyncIterator[list[LayoutEntry]]:
+        """Two round trips on a lock connection: lock and read, then mark what was read
+        as synced and unlock (registry_layout_begin/_end)."""
+        name = f"{self.cfg.schema}/layout:{repo}"
+        conn = await self._lock_conn()
+        clean = False
+        try:
+            try:
+                rows = await conn.fetch("SELECT * FROM registry_layout_begin($1, $2)", repo, name)
+            except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+                raise MetaError(f"PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+            changes: list[int] = []
+            entries = []
+            for r in rows:
+                if r[1] is None:
+                    changes = list(r[5])
+                else:
+                    entries.append(LayoutEntry(tag=r[0], digest=r[1], media_type=r[2], size=r[3],
+                                               artifact_type=r[4]))
+            entries.sort(key=lambda e: (e.tag is not None, e.tag or "", e.digest))
+            yield entries
+            try:
+                await conn.execute("SELECT registry_layout_end($1, $2)", name, changes)
+            except (*_TRANSIENT, asyncpg.PostgresError) as exc:
+                raise MetaError(f"PostgreSQL at {self.cfg.where()}: {_describe(exc)}") from None
+            clean = True
+        finally:
+            self._lock_done(conn, clean)
+
+    def _batched(self, kind: str) -> Batcher[Any]:
+        b = self._batchers.get(kind)
+        if b is None:
+            if self.pool is None:
+                raise MetaError("metadata store not open")
+            b = self._batchers[kind] = Batcher(getattr(self, f"_batch_{kind}"), max(1, self.cfg.pool_size // 4))
+        return b
+
+    async def _batch_by_tag(self, keys: list[tuple[str, str]]) -> list[Any]:
+        return await self._rows(_BY_TAG, [k[0] for k in keys], [k[1] for k in keys])
+
+    async def _batch_by_digest(self, keys: list[tuple[str, str]]) -> list[Any]:
+        return await self._rows(_BY_DIGEST, [k[0] for k in keys], [k[1] for k in keys])
+
+    async def _batch_blob_stat(self, keys: list[tuple[str, str]]) -> list[Any]:
+        return await self._rows(_BLOB_STAT, [k[0] for k in keys], [k[1] for k in keys], NEVER)
+
+    async def _batch_tags(self, keys: list[tuple[str, str, int | None]]) -> list[Any]:
+        return await self._rows(_TAGS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
 
     async def schema_version(self) -> int:
         return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")
@@ -155,7 +251,7 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             raise MetaError("metadata store not open")
         for attempt in range(4):
             try:
-                return await getattr(self.pool, method)(sql, *args)
+                return await self.pool.run(method, sql, *args)
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == 3:  # two pushes locking the same rows in opposite orders: run it again
                     raise MetaError("PostgreSQL: repeated lock conflicts") from None
@@ -181,11 +277,8 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             "WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest)
 
     async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
-        row = await self._row(
-            "SELECT b.size, b.review_after, b.damaged FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "
-            "WHERE r.name = $1 AND b.digest = $2 UNION ALL SELECT m.size, $3, NULL FROM manifests m "
-            "JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2 LIMIT 1", repo, digest, NEVER)
-        return BlobStat(row[0], row[1], row[2]) if row else None
+        rows = await self._batched("blob_stat").rows((repo, digest))
+        return BlobStat(rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
     async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
         table = "repo_blobs" if kind == "blob" else "manifests"
@@ -225,14 +318,8 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             raise BadReferences(list(row[0]), list(row[1]))
 
     async def manifest_get(self, repo: str, reference: str) -> Manifest | None:
-        if ":" in reference:
-            row = await self._row(f"SELECT {_MANIFEST_COLS} FROM manifests m JOIN repositories r "
-                                  "ON r.id = m.repo_id WHERE r.name = $1 AND m.digest = $2", repo, reference)
-        else:
-            row = await self._row(f"SELECT {_MANIFEST_COLS} FROM tags t JOIN repositories r ON r.id = t.repo_id "
-                                  "JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest "
-                                  "WHERE r.name = $1 AND t.name = $2", repo, reference)
-        return _manifest(row) if row else None
+        rows = await self._batched("by_digest" if ":" in reference else "by_tag").rows((repo, reference))
+        return _manifest(rows[0], 1) if rows else None
 
     async def manifest_delete(self, repo: str, digest: str, requeue_at: float | None = None) -> bool:
         return await self._val("SELECT registry_manifest_delete($1, $2, $3)", repo, digest,
@@ -243,12 +330,8 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
                                time.time() if requeue_at is None else requeue_at)
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
-        rows = await self._rows(
-            "SELECT t.name FROM repositories r LEFT JOIN LATERAL (SELECT name FROM tags WHERE repo_id = r.id "
-            "AND name > $2 ORDER BY name LIMIT $3) t ON true WHERE r.name = $1", repo, last or "", n)
-        if not rows:
-            return None
-        return [r[0] for r in rows if r[0] is not None]
+        rows = await self._batched("tags").rows((repo, last or "", n))
+        return list(rows[0][1]) if rows else None
 
     async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]:
         rows = await self._rows(
@@ -277,15 +360,9 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             "AND x.kind = 'manifest') ORDER BY 1 NULLS FIRST, 2", repo)
         return [LayoutEntry(tag=r[0], digest=r[1], media_type=r[2], size=r[3], artifact_type=r[4]) for r in rows]
 
-    async def layout_generation(self, repo: str) -> int:
-        return await self._val("SELECT layout_gen FROM repositories WHERE name = $1", repo) or 0
-
-    async def layout_synced(self, repo: str, generation: int) -> None:
-        await self._call("execute", "UPDATE repositories SET layout_synced = greatest(layout_synced, $2) "
-                         "WHERE name = $1", repo, generation)
-
     async def layout_stale(self) -> list[str]:
-        return [r[0] for r in await self._rows("SELECT name FROM repositories WHERE layout_gen > layout_synced")]
+        return [r[0] for r in await self._rows("SELECT r.name FROM repositories r WHERE EXISTS "
+                                               "(SELECT 1 FROM layout_changes c WHERE c.repo_id = r.id)")]
 
     # -- upload sessions
     async def upload_create(self, upload_id: str, repo: str) -> None:

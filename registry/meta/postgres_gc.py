@@ -72,6 +72,11 @@ class PostgresGC:
                               "(SELECT count(*) FROM manifests WHERE review_after <= $1)", now)
         return row[0]
 
+    async def digest_held(self, digest: str) -> bool:
+        row = await self._row("SELECT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = $1) "
+                              "OR EXISTS (SELECT 1 FROM manifests WHERE digest = $1)", digest)
+        return bool(row[0])
+
     async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
         rows = await self._rows("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE updated_at < $1 "
                                 "ORDER BY updated_at LIMIT $2", before, limit)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from registry.meta import migrate
-from registry.meta.base import NEVER, BadReferences, BlobStat, Counts, LayoutEntry, Manifest, MetaError, Ref, Upload
+from registry.meta.base import (NEVER, BadReferences, BlobStat, Counts, GenerationLayout, LayoutEntry, Manifest,
+                                 MetaError, NamedLocks, Ref, Upload)
 from registry.meta.sqlite_gc import SQLiteGC, bump_layout, delete_manifest, requeue
 from registry.meta.sqlite_scrub import SQLiteScrub
 from registry.meta.sqlite_dedupe import SQLiteDedupe
@@ -51,7 +52,7 @@ def _repo_id(conn: sqlite3.Connection, repo: str, create: bool) -> int | None:
                         (repo, time.time())).lastrowid
 
 
-class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe):
+class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe, GenerationLayout):
     def __init__(self, path: str | Path, *, durable: bool = True):
         self.path = Path(path)
         self.durable = durable
@@ -60,6 +61,7 @@ class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe):
         self._reader: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
+        self._local_locks = NamedLocks()
 
     # -- connections and the writer thread
     def _connect(self) -> sqlite3.Connection:
@@ -83,16 +85,17 @@ class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe):
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
-        """A byte-range lock on one shared file: worker processes on this host
-        exclude each other (within a process, callers hold their own asyncio lock)."""
+        """A byte-range lock on one shared file: worker processes on this host exclude
+        each other; within a process, an asyncio lock of the same name comes first."""
         assert self._lock_fd is not None, "store not open"
         offset = zlib.crc32(name.encode())
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, fcntl.lockf, self._lock_fd, fcntl.LOCK_EX, 1, offset)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, offset)
+        async with self._local_locks.hold(name):
+            await loop.run_in_executor(None, fcntl.lockf, self._lock_fd, fcntl.LOCK_EX, 1, offset)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, offset)
 
     async def close(self) -> None:
         if self._thread:

@@ -114,6 +114,10 @@ class SQLiteGC:
         return self._read("SELECT (SELECT count(*) FROM repo_blobs WHERE review_after <= ?) + "
                           "(SELECT count(*) FROM manifests WHERE review_after <= ?)", (now, now))[0][0]
 
+    async def digest_held(self, digest: str) -> bool:
+        return bool(self._read("SELECT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?) "
+                               "OR EXISTS (SELECT 1 FROM manifests WHERE digest = ?)", (digest, digest))[0][0])
+
     async def uploads_expired(self, before: float, limit: int) -> list[Upload]:
         rows = self._read("SELECT id, repo, size, created_at, updated_at FROM uploads WHERE updated_at < ? "
                           "ORDER BY updated_at LIMIT ?", (before, limit))

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from registry.meta.base import MetaStore
+from registry.meta.base import LayoutEntry, MetaStore
 from registry.storage.base import NotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,10 @@ class Layout:
             await self.storage.write(f"{repo}/oci-layout", OCI_LAYOUT)
         self._known.add(repo)
 
-    async def render(self, repo: str) -> bytes:
+    @staticmethod
+    def render(entries: list[LayoutEntry]) -> bytes:
         manifests = []
-        for e in await self.meta.layout_entries(repo):
+        for e in entries:
             desc: dict[str, object] = {"mediaType": e.media_type, "digest": e.digest, "size": e.size}
             if e.artifact_type:
                 desc["artifactType"] = e.artifact_type
@@ -76,10 +77,8 @@ class Layout:
             target = st.requested
             await self.ensure_repo(repo)
             # Across processes too: whoever writes last has read the newest state.
-            async with self.meta.exclusive(f"layout:{repo}"):
-                generation = await self.meta.layout_generation(repo)
-                await self.storage.write(f"{repo}/index.json", await self.render(repo))
-                await self.meta.layout_synced(repo, generation)
+            async with self.meta.layout_rewrite(repo) as entries:
+                await self.storage.write(f"{repo}/index.json", self.render(entries))
             st.done = target
         if not st.lock.locked() and st.done == st.requested:
             self._state.pop(repo, None)

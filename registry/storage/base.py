@@ -3,10 +3,27 @@
 by upload id. Drivers raise only the errors defined here."""
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Protocol
 
 from registry.digest import Digest, Hasher
+
+TRASH = "_trash"
+
+
+def aside_name(key: str) -> str:
+    """A private name for a set-aside object that carries its original key, so that a sweep
+    can finish the set-aside protocol after a crash (maintenance/gc.py, sweep_trash). The key
+    is a path below the object's own directory rather than part of one file name: a
+    repository name alone may be 255 characters, a file name's limit."""
+    return f"{TRASH}/{uuid.uuid4().hex}/{key}"
+
+
+def aside_key(name: str) -> str | None:
+    """The original key of a set-aside name; None for names made before keys were kept."""
+    parts = name.split("/", 2)
+    return parts[2] if len(parts) == 3 and parts[0] == TRASH and parts[2] else None
 
 
 class StorageError(Exception):
@@ -62,17 +79,28 @@ class Storage(Protocol):
         """Make dst hold src's bytes (hard link, copy, or server-side copy)."""
 
     async def set_aside(self, key: str) -> str | None:
-        """Move an object to a private name (see services/content.py); None if absent."""
+        """Move an object to a private name, ``aside_name(key)`` (see services/blobs.py,
+        remove_content); None if absent."""
 
     async def restore(self, aside: str, key: str) -> None:
         """Put a set-aside object back under key unless key already exists."""
 
     async def discard(self, aside: str) -> None: ...
 
+    async def set_aside_list(self) -> list[tuple[str, str | None, float]]:
+        """(set-aside name, original key or None, when it was set aside) of every set-aside
+        object: what a crash left between set_aside and restore/discard."""
+
     def walk(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
         """(key, size) of every object under prefix."""
 
+    def walk_mtime(self, prefix: str) -> AsyncIterator[tuple[str, int, float]]:
+        """(key, size, last modified) of every object under prefix."""
+
     async def list_dirs(self, prefix: str) -> Iterable[str]: ...
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        """(subdirectory names, object names) directly under prefix, each sorted."""
 
     # Uploads in progress.
     async def upload_write(self, upload_id: str, offset: int, chunks: AsyncIterator[bytes],

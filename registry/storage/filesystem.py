@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, TypeVar
 
 from registry.digest import Digest, Hasher
-from registry.storage.base import InvalidOffset, NotFound, StorageError, WriteInterrupted
+from registry.storage.base import InvalidOffset, NotFound, StorageError, WriteInterrupted, aside_key, aside_name
 
 T = TypeVar("T")
 UPLOADS = "_uploads"
@@ -175,15 +175,35 @@ class FilesystemStorage:
     async def link(self, src: str, dst: str) -> None:
         await self._run(self._link_sync, self._path(src), self._path(dst))
 
-    async def set_aside(self, key: str) -> str | None:
-        aside = f"{TRASH}/{uuid.uuid4().hex}"
+    def _prune_trash(self, path: Path) -> None:
+        """Remove the empty directories of one set-aside name, up to (not including) _trash."""
+        trash = self.root / TRASH
+        while path != trash and trash in path.parents:
+            try:
+                path.rmdir()
+            except OSError:
+                return
+            path = path.parent
+
+    def _set_aside_sync(self, key: str) -> str | None:
+        src = self._path(key)
+        if not os.path.lexists(src):
+            return None
+        aside = aside_name(key)
+        dst = self.root / aside
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await self._run(os.rename, self._path(key), self.root / aside)
-        except NotFound:
+            os.rename(src, dst)
+        except FileNotFoundError:  # removed meanwhile
+            self._prune_trash(dst.parent)
             return None
         return aside
 
+    async def set_aside(self, key: str) -> str | None:
+        return await self._run(self._set_aside_sync, key)
+
     def _restore_sync(self, aside: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(aside, dst)
         except FileExistsError:
@@ -192,36 +212,57 @@ class FilesystemStorage:
     async def restore(self, aside: str, key: str) -> None:
         await self._run(self._restore_sync, self.root / aside, self._path(key))
 
-    async def discard(self, aside: str) -> None:
+    def _discard_sync(self, aside: Path) -> None:
         try:
-            await self._run(os.unlink, self.root / aside)
-        except NotFound:
+            os.unlink(aside)
+        except FileNotFoundError:
             pass
+        self._prune_trash(aside.parent)
 
-    def _walk_sync(self, prefix: str) -> list[tuple[str, int]]:
+    async def discard(self, aside: str) -> None:
+        await self._run(self._discard_sync, self.root / aside)
+
+    async def set_aside_list(self) -> list[tuple[str, str | None, float]]:
+        # A rename keeps the file's mtime but sets its ctime: the time it was set aside.
+        return [(name, aside_key(name), when) async for name, _size, when in self.walk_mtime(TRASH)]
+
+    def _walk_sync(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, size, changed): the later of mtime and ctime, so a file renamed or linked
+        into place counts from then (a hard link of an old upload keeps its old mtime)."""
         base = self._path(prefix) if prefix else self.root
         out = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
                 p = Path(dirpath) / name
                 try:
-                    out.append((p.relative_to(self.root).as_posix(), p.stat().st_size))
+                    st = p.stat()
                 except FileNotFoundError:
                     continue
+                out.append((p.relative_to(self.root).as_posix(), st.st_size, max(st.st_mtime, st.st_ctime)))
         return out
 
     async def walk(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        for key, size, _when in await self._run(self._walk_sync, prefix):
+            yield key, size
+
+    async def walk_mtime(self, prefix: str) -> AsyncIterator[tuple[str, int, float]]:
         for item in await self._run(self._walk_sync, prefix):
             yield item
 
     async def list_dirs(self, prefix: str) -> list[str]:
+        return (await self.list_dir(prefix))[0]
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
         base = self._path(prefix) if prefix else self.root
 
-        def ls() -> list[str]:
+        def ls() -> tuple[list[str], list[str]]:
+            dirs, files = [], []
             try:
-                return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
-            except FileNotFoundError:
-                return []
+                for e in os.scandir(base):
+                    (dirs if e.is_dir(follow_symlinks=False) else files).append(e.name)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            return sorted(dirs), sorted(files)
         return await self._run(ls)
 
     # -- uploads

@@ -157,6 +157,20 @@ class RoutingStorage:
         d, a = self.route(aside)
         await d.discard(a)
 
+    async def set_aside_list(self) -> list[tuple[str, str | None, float]]:
+        out: list[tuple[str, str | None, float]] = []
+        roots = set()
+        for d in self.drivers:
+            root = d.local_path("")
+            if root is not None:  # two subpaths on one root share one _trash: list it once
+                if root in roots:
+                    continue
+                roots.add(root)
+            i = self._index_of(d)
+            for aside, key, when in await d.set_aside_list():
+                out.append((self._outer(i, aside), None if key is None else self._outer(i, key), when))
+        return out
+
     def read_stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         d, k = self.route(key)
         return _stream(d, k, start, end)
@@ -173,9 +187,25 @@ class RoutingStorage:
             async for key, size in d.walk(""):
                 yield self._outer(i, key), size
 
+    async def walk_mtime(self, prefix: str) -> AsyncIterator[tuple[str, int, float]]:
+        for d, k in [self.route(prefix)] if prefix else [(d, "") for d in self.drivers]:
+            i = self._index_of(d)
+            async for key, size, when in d.walk_mtime(k):
+                yield self._outer(i, key), size, when
+
     async def list_dirs(self, prefix: str) -> Iterable[str]:
         d, k = self.route(prefix) if prefix else (self.default, "")
         return await d.list_dirs(k)
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        """The listing of the driver ``prefix`` routes to, with the directories leading to a
+        subpath added: ``team-a`` shows at the top even when the default driver holds nothing
+        of it (a bucket, when team-a is on a local disk)."""
+        d, k = self.route(prefix) if prefix else (self.default, "")
+        dirs, files = await d.list_dir(k)
+        above = prefix + "/" if prefix else ""
+        extra = {p[len(above):].split("/", 1)[0] for p, _ in self.routes if p.startswith(above) and p != prefix}
+        return sorted(set(dirs) | extra), files
 
     # -- uploads
     async def _upload_driver(self, upload_id: str) -> Storage:

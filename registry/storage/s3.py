@@ -22,14 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from registry.config import StorageDriverConfig
 from registry.digest import Digest, Hasher
-from registry.storage.base import NotFound, StorageError
+from registry.storage.base import NotFound, StorageError, aside_key, aside_name
 
 log = logging.getLogger("registry.storage.s3")
 TRASH = "_trash"
@@ -304,7 +303,7 @@ class S3Storage:
         await self.copy(src, dst)
 
     async def set_aside(self, key: str) -> str | None:
-        aside = f"{TRASH}/{uuid.uuid4().hex}"
+        aside = aside_name(key)
         try:
             size = await self.stat(key)
             await self.copy(key, aside, size)
@@ -320,6 +319,10 @@ class S3Storage:
 
     async def discard(self, aside: str) -> None:
         await self.call("delete_object", aside, Key=self.k(aside))
+
+    async def set_aside_list(self) -> list[tuple[str, str | None, float]]:
+        # The copy that set an object aside made it new: LastModified is when it was set aside.
+        return [(name, aside_key(name), when) async for name, _size, when in self.walk_mtime(TRASH)]
 
     async def list_objects(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Pages of ListObjectsV2 under the storage key ``prefix`` (a directory when it ends in /)."""
@@ -337,18 +340,26 @@ class S3Storage:
             raise self.error(exc, f"list {prefix or '/'}") from None
 
     async def walk(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        async for key, size, _when in self.walk_mtime(prefix):
+            yield key, size
+
+    async def walk_mtime(self, prefix: str) -> AsyncIterator[tuple[str, int, float]]:
         p = prefix.rstrip("/") + "/" if prefix else ""
         async for page in self.list_objects(p):
             for obj in page.get("Contents", []):
-                yield self.unk(obj["Key"]), int(obj["Size"])
+                yield self.unk(obj["Key"]), int(obj["Size"]), obj["LastModified"].timestamp()
 
     async def list_dirs(self, prefix: str) -> list[str]:
+        return (await self.list_dir(prefix))[0]
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        """One delimited listing (a request per 1,000 names)."""
         p = prefix.rstrip("/") + "/" if prefix else ""
-        out = []
+        dirs, files = [], []
         async for page in self.list_objects(p, "/"):
-            for cp in page.get("CommonPrefixes", []):
-                out.append(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(out)
+            dirs += [cp["Prefix"].rstrip("/").rsplit("/", 1)[-1] for cp in page.get("CommonPrefixes", [])]
+            files += [obj["Key"].rsplit("/", 1)[-1] for obj in page.get("Contents", [])]
+        return sorted(dirs), sorted(files)
 
     # -- streaming reads (pulls, scrub)
     async def open_range(self, key: str, start: int = 0, end: int | None = None) -> tuple[int, AsyncIterator[bytes]]:
