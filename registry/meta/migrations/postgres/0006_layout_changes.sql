@@ -127,9 +127,12 @@ BEGIN
         UNION ALL
         SELECT NULL, m.digest, m.media_type, m.size, m.artifact_type, NULL FROM manifests m
         WHERE m.repo_id = rid
-        AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest)
+        AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest OFFSET 0)
         AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.repo_id = m.repo_id AND x.child = m.digest
-                        AND x.kind = 'manifest');
+                        AND x.kind = 'manifest' OFFSET 0);
+    -- OFFSET 0: each check stays an index probe per manifest. Turned into anti-joins, they were
+    -- planned without statistics (a new schema) as a scan of all tags per manifest: 17 ms for
+    -- 500 manifests, at every rewrite.
 END $$;
 
 -- Its commit does not wait for the WAL flush: losing it in a crash only makes
