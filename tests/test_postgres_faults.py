@@ -589,3 +589,43 @@ async def test_backends_killed_again_and_again_during_pushes(aiohttp_client, tmp
     broken = await conn.fetchval(f'SELECT count(*) FROM "{pg_schema}".tags t LEFT JOIN "{pg_schema}".manifests m '
                                  "ON m.repo_id = t.repo_id AND m.digest = t.digest WHERE m.digest IS NULL")
     assert broken == 0
+
+
+async def test_pushes_and_tag_deletes_racing_on_the_same_tags_never_deadlock(pg_dsn, pg_schema):
+    """Pushes moving tags between manifests (each one's tags pointing at the other's manifest)
+    and tag deletes, all at once: every statement locks tags by name, then manifests by
+    digest, so PostgreSQL never has to break a deadlock (each costs a second and a retry)."""
+    from registry.config import PostgresConfig
+    from registry.meta.base import Manifest, Ref
+    from registry.meta.postgres import PostgresMeta
+
+    store = PostgresMeta(PostgresConfig(dsn=pg_dsn, schema=pg_schema, pool_size=8))
+    await store.open()
+    try:
+        blob, later = "sha256:" + "b" * 64, time.time() + 3600
+        await store.blob_link("r", blob, 5, later)
+        ms = [Manifest(digest=f"sha256:{i + 1:064x}", media_type=OCI_MANIFEST, size=2, payload=b"{}",
+                       subject=None, artifact_type=None, annotations=None, refs=[Ref(blob, "blob", 5)])
+              for i in range(4)]
+        tags = [f"t{i}" for i in range(4)]
+        for m in ms:
+            await store.manifest_put("r", m, [], later)
+
+        async def pusher(w: int) -> None:
+            for k in range(40):
+                await store.manifest_put("r", ms[(w + k) % 4], [tags[(w + 2 * k) % 4], tags[(w + 2 * k + 1) % 4]],
+                                         later)
+
+        async def deleter(w: int) -> None:
+            for k in range(40):
+                await store.tag_delete("r", tags[(w + k) % 4])
+                await asyncio.sleep(0)
+
+        start = time.monotonic()
+        await asyncio.gather(*(pusher(w) for w in range(4)), deleter(0), deleter(2))
+        assert store.lock_conflicts == 0, f"{store.lock_conflicts} deadlocks broken by PostgreSQL"
+        assert time.monotonic() - start < 20
+        for t in await store.tags("r", None, None) or []:
+            assert (await store.manifest_get("r", t)) is not None
+    finally:
+        await store.close()

@@ -72,8 +72,14 @@ class Batcher(Generic[K]):
                     f.set_result(by_pos.get(i, []))
         finally:
             self._inflight -= 1
-            while self._pending and self._inflight < self.max_inflight:
-                self._flush()  # each call takes its batch off the pending list
+            if self._pending:
+                # On the next turn of the loop: requests already read from their sockets
+                # join this batch rather than the one after.
+                asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        while self._pending and self._inflight < self.max_inflight:
+            self._flush()  # each call takes its batch off the pending list
 
     async def close(self) -> None:
         """Wait for the statements in flight (their connections go back to the pool)."""

@@ -91,6 +91,7 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
         self.pool: ConnectionPool | None = None
         self.lock_pool: ConnectionPool | None = None
         self._batchers: dict[str, Batcher[Any]] = {}
+        self.lock_conflicts = 0  # statements PostgreSQL aborted to break a deadlock (then run again)
 
     # -- pool and migrations
     async def open(self) -> None:
@@ -259,6 +260,7 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             try:
                 return await self.pool.run(method, sql, *args)
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                self.lock_conflicts += 1
                 if attempt == 3:  # two pushes locking the same rows in opposite orders: run it again
                     raise MetaError("PostgreSQL: repeated lock conflicts") from None
             except _TRANSIENT as exc:

@@ -13,9 +13,22 @@ INSERT INTO layout_changes (repo_id) SELECT id FROM repositories WHERE layout_ge
 DROP INDEX repositories_layout_stale;
 ALTER TABLE repositories DROP COLUMN layout_gen, DROP COLUMN layout_synced;
 
--- Row locks are taken in one order everywhere: tags before manifests. (The
--- previous functions locked a moved tag after the manifests, and a tag delete
--- racing a push deadlocked until PostgreSQL broke the tie a second later.)
+-- Locks are taken in one order everywhere: tag names first (transaction
+-- advisory locks, by key: a name not created yet cannot be row-locked, and a
+-- push or a tag delete racing to create or remove it must still queue behind
+-- the first), then manifest rows by digest. The previous functions locked tags
+-- after manifests, and a tag delete or another push racing a push deadlocked
+-- until PostgreSQL broke the tie a second later.
+CREATE FUNCTION registry_lock_tags(p_rid BIGINT, p_names TEXT[]) RETURNS VOID
+LANGUAGE plpgsql AS $$
+DECLARE
+    k BIGINT;
+BEGIN
+    FOR k IN SELECT DISTINCT hashtextextended(current_schema() || '/' || p_rid || '/' || n, 0)
+             FROM unnest(p_names) AS n ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(k);
+    END LOOP;
+END $$;
 
 CREATE OR REPLACE FUNCTION registry_manifest_delete_in(p_rid BIGINT, p_digest TEXT, p_at DOUBLE PRECISION)
 RETURNS BOOLEAN LANGUAGE plpgsql AS $$
@@ -23,7 +36,7 @@ DECLARE
     blobs TEXT[];
     others TEXT[];
 BEGIN
-    PERFORM 1 FROM tags WHERE repo_id = p_rid AND digest = p_digest ORDER BY name FOR UPDATE;
+    PERFORM registry_lock_tags(p_rid, ARRAY(SELECT name FROM tags WHERE repo_id = p_rid AND digest = p_digest));
     SELECT coalesce(array_agg(child) FILTER (WHERE kind = 'blob'), '{}'),
            coalesce(array_agg(child) FILTER (WHERE kind = 'manifest'), '{}')
     INTO blobs, others FROM manifest_refs WHERE repo_id = p_rid AND parent = p_digest;
@@ -48,6 +61,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM registry_lock_tags(rid, ARRAY[p_tag]);
     DELETE FROM tags WHERE repo_id = rid AND name = p_tag RETURNING digest INTO was;
     IF NOT FOUND THEN
         RETURN false;
@@ -73,8 +87,12 @@ BEGIN
     wrong_size := '{}';
     rid := registry_repo_id(p_repo, p_now);
     -- The tags this push moves, locked first (see above); what they pointed at is queued below.
+    PERFORM registry_lock_tags(rid, p_tags);
     SELECT coalesce(array_agg(DISTINCT t.digest) FILTER (WHERE t.digest <> p_digest), '{}') INTO moved
     FROM (SELECT digest FROM tags WHERE repo_id = rid AND name = ANY (p_tags) ORDER BY name FOR UPDATE) t;
+    -- Then the manifest rows it changes, in digest order: two pushes each moving a tag away
+    -- from the other's manifest would otherwise lock the two rows in opposite orders.
+    PERFORM 1 FROM manifests WHERE repo_id = rid AND digest = ANY (moved || p_digest) ORDER BY digest FOR UPDATE;
     FOR i IN 1 .. coalesce(array_length(p_ref_digests, 1), 0) LOOP
         IF p_ref_kinds[i] = 'blob' THEN
             SELECT size INTO found_size FROM repo_blobs WHERE repo_id = rid AND digest = p_ref_digests[i] FOR SHARE;
@@ -99,8 +117,9 @@ BEGIN
     SELECT rid, p_digest, d, k FROM unnest(p_ref_digests, p_ref_kinds) AS u (d, k)
     ON CONFLICT DO NOTHING;
     PERFORM registry_requeue(rid, 'manifest', moved, p_review_after);
+    -- Each name once (ON CONFLICT cannot update one row twice), in name order.
     INSERT INTO tags (repo_id, name, digest, updated_at)
-    SELECT rid, t, p_digest, p_now FROM unnest(p_tags) AS t
+    SELECT rid, t, p_digest, p_now FROM (SELECT DISTINCT t FROM unnest(p_tags) AS t) u ORDER BY t COLLATE "C"
     ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at;
     INSERT INTO layout_changes (repo_id) VALUES (rid);
 END $$;
