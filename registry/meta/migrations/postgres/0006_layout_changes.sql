@@ -24,6 +24,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     k BIGINT;
 BEGIN
+    IF cardinality(p_names) = 1 THEN  -- the common case, without the sort
+        PERFORM pg_advisory_xact_lock(hashtextextended(current_schema() || '/' || p_rid || '/' || p_names[1], 0));
+        RETURN;
+    END IF;
     FOR k IN SELECT DISTINCT hashtextextended(current_schema() || '/' || p_rid || '/' || n, 0)
              FROM unnest(p_names) AS n ORDER BY 1 LOOP
         PERFORM pg_advisory_xact_lock(k);
@@ -116,7 +120,9 @@ BEGIN
     INSERT INTO manifest_refs (repo_id, parent, child, kind)
     SELECT rid, p_digest, d, k FROM unnest(p_ref_digests, p_ref_kinds) AS u (d, k)
     ON CONFLICT DO NOTHING;
-    PERFORM registry_requeue(rid, 'manifest', moved, p_review_after);
+    IF cardinality(moved) > 0 THEN
+        PERFORM registry_requeue(rid, 'manifest', moved, p_review_after);
+    END IF;
     -- Each name once (ON CONFLICT cannot update one row twice), in name order.
     INSERT INTO tags (repo_id, name, digest, updated_at)
     SELECT rid, t, p_digest, p_now FROM (SELECT DISTINCT t FROM unnest(p_tags) AS t) u ORDER BY t COLLATE "C"
@@ -141,17 +147,16 @@ BEGIN
         SELECT NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::BIGINT, NULL::TEXT,
                coalesce((SELECT array_agg(c.id) FROM layout_changes c WHERE c.repo_id = rid), '{}')
         UNION ALL
-        SELECT t.name::TEXT, m.digest, m.media_type, m.size, m.artifact_type, NULL FROM tags t
-        JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest WHERE t.repo_id = rid
-        UNION ALL
-        SELECT NULL, m.digest, m.media_type, m.size, m.artifact_type, NULL FROM manifests m
-        WHERE m.repo_id = rid
-        AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest OFFSET 0)
-        AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.repo_id = m.repo_id AND x.child = m.digest
-                        AND x.kind = 'manifest' OFFSET 0);
-    -- OFFSET 0: each check stays an index probe per manifest. Turned into anti-joins, they were
-    -- planned without statistics (a new schema) as a scan of all tags per manifest: 17 ms for
-    -- 500 manifests, at every rewrite.
+        -- One pass over the manifests: each with its tags, or once untagged unless an index
+        -- lists it. OFFSET 0 keeps both lookups index probes per manifest: planned without
+        -- statistics (a new schema) as joins, they scanned all tags per manifest (17 ms
+        -- instead of 2 for 500 manifests, at every rewrite).
+        SELECT t.name::TEXT, m.digest, m.media_type, m.size, m.artifact_type, NULL FROM manifests m
+        LEFT JOIN LATERAL (SELECT g.name FROM tags g WHERE g.repo_id = m.repo_id AND g.digest = m.digest OFFSET 0) t
+            ON true
+        WHERE m.repo_id = rid AND (t.name IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM manifest_refs x WHERE x.repo_id = m.repo_id AND x.child = m.digest
+            AND x.kind = 'manifest' OFFSET 0));
 END $$;
 
 -- Its commit does not wait for the WAL flush: losing it in a crash only makes
