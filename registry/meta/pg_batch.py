@@ -23,6 +23,11 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 MAX_BATCH = 256
+# After a batch returns, the next waits up to this many turns of the event loop (each turn
+# reads the requests that arrived) unless this many lookups are already waiting. Without it,
+# fast round trips settle into batches of two: measured, 7,000-9,000 manifest GETs/s instead
+# of 11,000, the many small statements costing PostgreSQL and this process more CPU.
+GATHER_TURNS, GATHER_ENOUGH = 6, 16
 
 
 class Batcher(Generic[K]):
@@ -73,11 +78,14 @@ class Batcher(Generic[K]):
         finally:
             self._inflight -= 1
             if self._pending:
-                # On the next turn of the loop: requests already read from their sockets
-                # join this batch rather than the one after.
-                asyncio.get_running_loop().call_soon(self._resume)
+                # A few turns of the loop later: requests already read from their sockets,
+                # and those the turns read, join this batch rather than the one after.
+                asyncio.get_running_loop().call_soon(self._resume, GATHER_TURNS)
 
-    def _resume(self) -> None:
+    def _resume(self, turns: int) -> None:
+        if turns > 1 and len(self._pending) < GATHER_ENOUGH:
+            asyncio.get_running_loop().call_soon(self._resume, turns - 1)
+            return
         while self._pending and self._inflight < self.max_inflight:
             self._flush()  # each call takes its batch off the pending list
 
