@@ -239,6 +239,24 @@ async def test_concurrent_lookups_each_get_their_own_answer(meta):
     assert "t0" not in await meta.tags("a", None, None)
 
 
+async def test_touch_postpones_queued_rows_and_says_whether_they_exist(meta):
+    now = time.time()
+    await meta.blob_link("a", D[0], 5, now + 10)
+    await meta.blob_link("a", D[1], 5, now + 10)
+    await meta.manifest_put("a", manifest(D[10], [Ref(D[0], "blob", 5)]), [], now + 10)
+    # Many at once (one transaction on PostgreSQL), hits and misses mixed.
+    got = await asyncio.gather(*[meta.touch(repo, kind, d, now + 100) for repo, kind, d in [
+        ("a", "blob", D[0]), ("a", "blob", D[1]), ("a", "blob", D[2]), ("b", "blob", D[0]),
+        ("a", "manifest", D[10]), ("a", "manifest", D[11]), ("a", "manifest", D[0])] * 5])
+    assert got == [True, True, False, False, True, False, False] * 5
+    assert (await meta.blob_stat("a", D[0])).review_after == now + 100
+    assert (await meta.manifest_get("a", D[10])).review_after == now + 100
+    assert await meta.touch("a", "blob", D[0], now + 50) is True  # never moved back
+    assert (await meta.blob_stat("a", D[0])).review_after == now + 100
+    assert await meta.blob_unlink("a", D[1])
+    assert await meta.touch("a", "blob", D[1], now + 200) is False  # gone: the caller answers 404
+
+
 async def test_upload_sessions(meta):
     await meta.upload_create("u1", "a")
     up = await meta.upload_get("u1")

@@ -1,11 +1,16 @@
 """GET/HEAD/DELETE /v2/<name>/blobs/<digest> (end-2, end-10).
 
-Blobs go out with sendfile (web.FileResponse, which also answers Range with
-206/416). A small blob requested whole is read on the loop instead: from the
-page cache that costs microseconds, less than FileResponse's two thread hops.
+A small blob requested whole is read on the loop: from the page cache that
+costs microseconds, less than a thread hop. A larger one requested whole is
+copied out in 1 MiB reads (a thread each), not with sendfile: on loopback the
+client spent about twice the CPU per byte receiving what sendfile sent, and
+ocibench's pull-large (one Python client, four readers) got 1,600 MB/s with
+sendfile, 2,000 this way (256 KiB reads: 1,570; 4 MiB: 1,980). Range requests
+go to web.FileResponse (206/416).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -19,6 +24,7 @@ from registry.api.common import path_digest, repo_name, services
 log = logging.getLogger(__name__)
 OCTET = "application/octet-stream"
 SMALL_BLOB = 64 << 10
+COPY_CHUNK = 1 << 20
 
 
 def _read_small(path: str, size: int) -> bytes | None:
@@ -53,6 +59,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if not path.is_file():  # the row says yes, the disk says no: a repair case, never a 500
         log.error("blob %s of %s is recorded but its file is missing; run registry reindex", digest, repo)
         raise RegistryError("BLOB_UNKNOWN", {"digest": str(digest)})
+    if "Range" not in request.headers:
+        headers["ETag"] = f'"{digest.hex}"'
+        return await _copy_out(request, str(path), size, headers)
     if "Range" in request.headers and "If-Range" not in request.headers:
         try:  # refuse here what FileResponse would answer 416, so the error has the JSON body
             rng: slice | None = request.http_range
@@ -64,6 +73,30 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     resp = web.FileResponse(path, headers=headers)
     resp.etag = digest.hex  # the digest is the strongest validator there is
     return resp
+
+
+async def _copy_out(request: web.Request, path: str, size: int, headers: dict[str, str]) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    try:
+        fd = await loop.run_in_executor(None, os.open, path, os.O_RDONLY)
+    except FileNotFoundError:  # removed since the check: as if it had never been there
+        raise RegistryError("BLOB_UNKNOWN", {"digest": os.path.basename(path)}) from None
+    try:
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = size
+        await resp.prepare(request)
+        offset = 0
+        while offset < size:
+            chunk = await loop.run_in_executor(None, os.pread, fd, min(COPY_CHUNK, size - offset), offset)
+            if not chunk:  # the file is shorter than recorded: cut the response, never pad it
+                log.error("blob file %s ends at %d of %d bytes; run registry scrub", path, offset, size)
+                raise ConnectionResetError("blob file shorter than its recorded size")
+            await resp.write(chunk)
+            offset += len(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        os.close(fd)
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -125,9 +125,10 @@ class MetaStore(Protocol):
         """Any repository holding the blob, with its size (mount without from)."""
     async def blob_stat(self, repo: str, digest: str) -> BlobStat | None:
         """Size, GC review time and scrub finding of a blob (or manifest) the repository holds."""
-    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
-        """Postpone GC of a queued blob or manifest (an existence check); rows
-        GC found in use (review_after == NEVER) are left alone."""
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> bool:
+        """Postpone GC of a queued blob or manifest (an existence check) to ``review_after``;
+        rows GC found in use (review_after == NEVER) or already due later are left alone.
+        Whether the row exists once this write is done: False when GC deleted it first."""
     async def blob_link(self, repo: str, digest: str, size: int, review_after: float,
                         checksum: str | None = None) -> None:
         """Record that the repository holds the blob (and the xxh3 of its bytes, when known)."""

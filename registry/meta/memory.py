@@ -71,16 +71,18 @@ class MemoryMeta(MemoryDedupe, GenerationLayout):
         m = r.manifests.get(digest)
         return BlobStat(m.size, NEVER) if m else None
 
-    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> bool:
         r = self._repos.get(repo)
         if r is None:
-            return
-        if kind == "blob" and digest in r.review and r.review[digest] < min(review_after, NEVER):
-            r.review[digest] = review_after
-        elif kind == "manifest" and digest in r.manifests:
-            m = r.manifests[digest]
-            if m.review_after < min(review_after, NEVER):
-                m.review_after = review_after
+            return False
+        if kind == "blob":
+            if digest in r.review and r.review[digest] < min(review_after, NEVER):
+                r.review[digest] = review_after
+            return digest in r.blobs
+        m = r.manifests.get(digest)
+        if m is not None and m.review_after < min(review_after, NEVER):
+            m.review_after = review_after
+        return m is not None
 
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         for name, r in self._repos.items():

@@ -249,6 +249,14 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
     async def _batch_tags(self, keys: list[tuple[str, str, int | None]]) -> list[Any]:
         return await self._rows(_TAGS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
 
+    async def _batch_touch_blob(self, keys: list[tuple[str, str, float]]) -> list[Any]:
+        return await self._rows("SELECT * FROM registry_touch('blob', $1, $2, $3)",
+                                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+
+    async def _batch_touch_manifest(self, keys: list[tuple[str, str, float]]) -> list[Any]:
+        return await self._rows("SELECT * FROM registry_touch('manifest', $1, $2, $3)",
+                                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+
     async def schema_version(self) -> int:
         return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")
 
@@ -288,11 +296,9 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
         rows = await self._batched("blob_stat").rows((repo, digest))
         return BlobStat(rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
-    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
-        table = "repo_blobs" if kind == "blob" else "manifests"
-        await self._call("execute", f"UPDATE {table} SET review_after = $3 WHERE digest = $2 AND review_after < $3 "
-                         "AND review_after < $4 AND repo_id = (SELECT id FROM repositories WHERE name = $1)",
-                         repo, digest, review_after, NEVER)
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> bool:
+        return bool(await self._batched("touch_blob" if kind == "blob" else "touch_manifest").rows(
+            (repo, digest, review_after)))
 
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         row = await self._row("SELECT r.name, b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "

@@ -200,12 +200,16 @@ class SQLiteMeta(SQLiteGC, SQLiteScrub, SQLiteDedupe, GenerationLayout):
             "WHERE r.name = ? AND m.digest = ? LIMIT 1", (repo, digest, NEVER, repo, digest))
         return BlobStat(*rows[0]) if rows else None
 
-    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> None:
+    async def touch(self, repo: str, kind: str, digest: str, review_after: float) -> bool:
         table = "repo_blobs" if kind == "blob" else "manifests"
-        await self._write(lambda conn: conn.execute(
-            f"UPDATE {table} SET review_after = ? WHERE digest = ? AND review_after < ? AND review_after < ? "
-            "AND repo_id = (SELECT id FROM repositories WHERE name = ?)",
-            (review_after, digest, review_after, NEVER, repo)) and None)
+
+        def write(conn: sqlite3.Connection) -> bool:
+            conn.execute(f"UPDATE {table} SET review_after = ? WHERE digest = ? AND review_after < ? "
+                         "AND review_after < ? AND repo_id = (SELECT id FROM repositories WHERE name = ?)",
+                         (review_after, digest, review_after, NEVER, repo))
+            return conn.execute(f"SELECT 1 FROM {table} WHERE digest = ? AND repo_id = "
+                                "(SELECT id FROM repositories WHERE name = ?)", (digest, repo)).fetchone() is not None
+        return await self._write(write)
 
     async def blob_holder(self, digest: str) -> tuple[str, int] | None:
         rows = self._read("SELECT r.name, b.size FROM repo_blobs b JOIN repositories r ON r.id = b.repo_id "

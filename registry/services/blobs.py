@@ -73,8 +73,9 @@ class Blobs:
         if review_after >= NEVER or review_after >= now + delay:
             return True
         # 1.5 delays: a full delay is guaranteed, and a row is written at most once per half delay.
-        await self.meta.touch(repo, kind, digest, now + delay * 1.5)
-        return await self.meta.blob_size(repo, digest) is not None
+        if await self.meta.touch(repo, kind, digest, now + delay * 1.5):
+            return True
+        return await self.meta.blob_size(repo, digest) is not None  # a blob that is also a manifest
 
     def key(self, repo: str, digest: Digest) -> str:
         """Where the storage keeps ``repo``'s copy of a blob: on a store with shared blobs

@@ -97,7 +97,7 @@ BEGIN
     -- Then the manifest rows it changes, in digest order: two pushes each moving a tag away
     -- from the other's manifest would otherwise lock the two rows in opposite orders.
     PERFORM 1 FROM manifests WHERE repo_id = rid AND digest = ANY (moved || p_digest) ORDER BY digest FOR UPDATE;
-    FOR i IN 1 .. coalesce(array_length(p_ref_digests, 1), 0) LOOP
+    FOR i IN SELECT u.n FROM unnest(p_ref_digests) WITH ORDINALITY AS u (d, n) ORDER BY u.d LOOP  -- digest order
         IF p_ref_kinds[i] = 'blob' THEN
             SELECT size INTO found_size FROM repo_blobs WHERE repo_id = rid AND digest = p_ref_digests[i] FOR SHARE;
         ELSE
@@ -167,4 +167,36 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     DELETE FROM layout_changes WHERE id = ANY (p_changes);
     PERFORM pg_advisory_unlock(hashtextextended(p_lock, 0));
+END $$;
+
+-- Existence checks that postpone GC (services/blobs.py, postpone), many in one
+-- transaction (meta/pg_batch.py). Each row is written even when its time stays
+-- (in use, or already later), so FOUND says whether it exists once locked: a GC
+-- pass that deleted it first is seen. Rows are taken in (repository, digest)
+-- order, as a push takes what it refers to, so two batches, or a batch and a
+-- push, never wait for each other in a cycle. Returns the positions of the keys
+-- whose row exists.
+CREATE FUNCTION registry_touch(p_kind TEXT, p_repos TEXT[], p_digests TEXT[], p_at DOUBLE PRECISION[])
+RETURNS SETOF BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    k RECORD;
+    rid BIGINT;
+BEGIN
+    FOR k IN SELECT q.a, q.b, q.t, q.i FROM unnest(p_repos, p_digests, p_at) WITH ORDINALITY AS q (a, b, t, i)
+             ORDER BY q.a COLLATE "C", q.b LOOP
+        SELECT id INTO rid FROM repositories WHERE name = k.a;
+        CONTINUE WHEN NOT FOUND;
+        IF p_kind = 'blob' THEN
+            UPDATE repo_blobs SET review_after = CASE WHEN review_after < k.t AND review_after < 9e18 THEN k.t
+                                                      ELSE review_after END
+            WHERE repo_id = rid AND digest = k.b;
+        ELSE
+            UPDATE manifests SET review_after = CASE WHEN review_after < k.t AND review_after < 9e18 THEN k.t
+                                                     ELSE review_after END
+            WHERE repo_id = rid AND digest = k.b;
+        END IF;
+        IF FOUND THEN
+            RETURN NEXT k.i;
+        END IF;
+    END LOOP;
 END $$;
