@@ -20,14 +20,14 @@ from registry.config import PostgresConfig
 from registry.meta import migrate
 from registry.meta.pg_batch import Batcher
 from registry.meta.pg_pool import ConnectionPool
-from registry.meta.base import NEVER, BadReferences, BlobStat, LayoutEntry, Manifest, MetaError, Upload
+from registry.meta.base import BadReferences, BlobStat, LayoutEntry, Manifest, MetaError, Upload
 from registry.meta.postgres_gc import PostgresGC
+from registry.meta.postgres_lookups import MANIFEST_COLS, PostgresLookups
 from registry.meta.postgres_scrub import PostgresScrub
 from registry.meta.postgres_dedupe import PostgresDedupe
 
 MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
-_MANIFEST_COLS = ("m.digest, m.media_type, m.size, m.payload, m.subject, m.artifact_type, m.annotations, "
-                  "m.review_after")
+_MANIFEST_COLS = MANIFEST_COLS
 _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
               # asyncpg's own protocol state after the server killed a connection mid-operation
@@ -41,27 +41,6 @@ def _manifest(row: Any, o: int = 0) -> Manifest:
                     subject=row[o + 4], artifact_type=row[o + 5],
                     annotations=json.loads(row[o + 6]) if row[o + 6] else None, review_after=row[o + 7])
 
-
-# The lookups of the request path, each answering a batch of keys (see pg_batch.py): the
-# first column is the key's position. COLLATE "C" lets the names use their btree.
-# Each step is a LATERAL subquery with LIMIT 1, so PostgreSQL plans it on its own as the
-# unique-key lookup it is, whatever its statistics say (a fresh schema has none, and a join
-# flattened into one plan then scans a repository's tags for every key).
-_KEYS = ("FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q (a, b, i) CROSS JOIN LATERAL "
-         '(SELECT id FROM repositories WHERE name = q.a COLLATE "C" LIMIT 1) r ')
-_BY_TAG = (f"SELECT q.i, {_MANIFEST_COLS} {_KEYS} CROSS JOIN LATERAL (SELECT digest FROM tags "
-           'WHERE repo_id = r.id AND name = q.b COLLATE "C" LIMIT 1) t CROSS JOIN LATERAL '
-           "(SELECT * FROM manifests WHERE repo_id = r.id AND digest = t.digest LIMIT 1) m")
-_BY_DIGEST = (f"SELECT q.i, {_MANIFEST_COLS} {_KEYS} CROSS JOIN LATERAL "
-              "(SELECT * FROM manifests WHERE repo_id = r.id AND digest = q.b LIMIT 1) m")
-_BLOB_STAT = (f"SELECT q.i, x.* {_KEYS} CROSS JOIN LATERAL (SELECT b.size, b.review_after, b.damaged "
-              "FROM repo_blobs b WHERE b.repo_id = r.id AND b.digest = q.b UNION ALL "
-              "SELECT m.size, $3::float8, NULL::text FROM manifests m WHERE m.repo_id = r.id "
-              "AND m.digest = q.b LIMIT 1) x")
-_TAGS = ("SELECT q.i, ARRAY(SELECT name FROM tags "
-         'WHERE repo_id = r.id AND name > q.b COLLATE "C" ORDER BY name LIMIT q.n) '
-         "FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS q (a, b, n, i) CROSS JOIN LATERAL "
-         '(SELECT id FROM repositories WHERE name = q.a COLLATE "C" LIMIT 1) r')
 
 
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
@@ -85,7 +64,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if isinstance(exc, asyncpg.InterfaceError) else "")
 
 
-class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
+class PostgresMeta(PostgresLookups, PostgresGC, PostgresScrub, PostgresDedupe):
     def __init__(self, cfg: PostgresConfig):
         self.cfg = cfg
         self.pool: ConnectionPool | None = None
@@ -228,34 +207,6 @@ class PostgresMeta(PostgresGC, PostgresScrub, PostgresDedupe):
             clean = True
         finally:
             self._lock_done(conn, clean)
-
-    def _batched(self, kind: str) -> Batcher[Any]:
-        b = self._batchers.get(kind)
-        if b is None:
-            if self.pool is None:
-                raise MetaError("metadata store not open")
-            b = self._batchers[kind] = Batcher(getattr(self, f"_batch_{kind}"), max(1, self.cfg.pool_size // 8))
-        return b
-
-    async def _batch_by_tag(self, keys: list[tuple[str, str]]) -> list[Any]:
-        return await self._rows(_BY_TAG, [k[0] for k in keys], [k[1] for k in keys])
-
-    async def _batch_by_digest(self, keys: list[tuple[str, str]]) -> list[Any]:
-        return await self._rows(_BY_DIGEST, [k[0] for k in keys], [k[1] for k in keys])
-
-    async def _batch_blob_stat(self, keys: list[tuple[str, str]]) -> list[Any]:
-        return await self._rows(_BLOB_STAT, [k[0] for k in keys], [k[1] for k in keys], NEVER)
-
-    async def _batch_tags(self, keys: list[tuple[str, str, int | None]]) -> list[Any]:
-        return await self._rows(_TAGS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-
-    async def _batch_touch_blob(self, keys: list[tuple[str, str, float]]) -> list[Any]:
-        return await self._rows("SELECT * FROM registry_touch('blob', $1, $2, $3)",
-                                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-
-    async def _batch_touch_manifest(self, keys: list[tuple[str, str, float]]) -> list[Any]:
-        return await self._rows("SELECT * FROM registry_touch('manifest', $1, $2, $3)",
-                                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
 
     async def schema_version(self) -> int:
         return await self._val("SELECT coalesce(max(version), 0) FROM schema_migrations")
