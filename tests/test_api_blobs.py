@@ -168,3 +168,44 @@ async def test_repo_names_that_look_like_routes(client, push, repo):
     r = await client.get(f"/v2/{repo}/referrers/{md}")
     assert r.status == 200
     assert repo in (await (await client.get("/v2/_catalog")).json())["repositories"]
+
+
+@pytest.mark.parametrize("sendfile", [False, True])
+async def test_large_blob_whole_and_in_ranges_either_way(aiohttp_client, config, sendfile):
+    """Whole blobs over 64 KiB go out as 1 MiB copies, or with sendfile (http.sendfile);
+    either way every byte, the headers, and ranges across the copy's chunk borders."""
+    from tests.conftest import Pusher
+    from registry.app import create_app
+    cfg = config.replace(http={"sendfile": sendfile})
+    client = await aiohttp_client(create_app(cfg))
+    push = Pusher(client)
+    data = bytes(range(251)) * (10 * 1024 + 17)  # ~2.5 MiB, not a multiple of 1 MiB
+    d = await push.blob("lib/large", data)
+    r = await client.get(f"/v2/lib/large/blobs/{d}")
+    assert r.status == 200
+    assert await r.read() == data
+    assert r.headers["Docker-Content-Digest"] == d and int(r.headers["Content-Length"]) == len(data)
+    etag = r.headers["ETag"]
+    for start, end in ((0, (1 << 20) + 5), ((1 << 20) - 3, (2 << 20) + 3), (len(data) - 10, len(data) - 1)):
+        # A download resumed with the whole response's validator gets the rest, not a new copy.
+        r = await client.get(f"/v2/lib/large/blobs/{d}", headers={"Range": f"bytes={start}-{end}",
+                                                                  "If-Range": etag})
+        assert r.status == 206
+        assert await r.read() == data[start:end + 1]
+
+
+async def test_large_blob_file_shorter_than_recorded_is_cut_not_padded(aiohttp_client, tmp_path):
+    """A damaged (truncated) file on disk is never completed with made-up bytes: the response
+    is cut short, so the client sees an incomplete body and its digest check fails loudly."""
+    import aiohttp
+    from tests.conftest import Pusher, make_config
+    from registry.app import create_app
+    client = await aiohttp_client(create_app(make_config(tmp_path / "data", storage={"commit": False})))
+    data = bytes(range(256)) * 8192  # 2 MiB
+    d = await Pusher(client).blob("lib/cut", data)
+    path = next((tmp_path / "data").rglob(d.split(":", 1)[1]))
+    with open(path, "r+b") as f:
+        f.truncate(len(data) - 1000)
+    r = await client.get(f"/v2/lib/cut/blobs/{d}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await r.read()
