@@ -98,7 +98,7 @@ def run_one(store: str, args: argparse.Namespace, extra: list[str]) -> dict[str,
 
 
 def pin_backends(dsn: str, schema: str) -> None:
-    """Put the PostgreSQL backends serving this schema's server on the server's core."""
+    """Put the PostgreSQL backends of this database (the only server using it meanwhile) on the server's core."""
     async def pids() -> list[int]:
         import asyncpg
         conn = await asyncpg.connect(dsn)
@@ -131,7 +131,7 @@ def main() -> None:
             print(f"# round {i + 1}/{args.rounds}: {store}", file=sys.stderr, flush=True)
             rounds[store].append(run_one(store, args, extra))
     names = list(dict.fromkeys(n for r in rounds["sqlite"] for n in r))
-    print(f"\n| scenario | SQLite | PostgreSQL | PG/SQLite |\n|---|---|---|---|")
+    print("\n| scenario | SQLite | PostgreSQL | PG/SQLite |\n|---|---|---|---|")
     for n in names:
         s = statistics.median(r[n] for r in rounds["sqlite"] if n in r)
         g = statistics.median(r[n] for r in rounds["postgres"] if n in r)

@@ -27,7 +27,7 @@ from registry.meta.postgres_scrub import PostgresScrub
 from registry.meta.postgres_dedupe import PostgresDedupe
 
 MIGRATION_LOCK = 0x7265_6769_7374  # an arbitrary advisory lock key: "regist"
-_MANIFEST_COLS = MANIFEST_COLS
+
 _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
               # asyncpg's own protocol state after the server killed a connection mid-operation
@@ -36,11 +36,10 @@ _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, as
 
 
 def _manifest(row: Any, o: int = 0) -> Manifest:
-    """A Manifest from _MANIFEST_COLS starting at column ``o``."""
+    """A Manifest from MANIFEST_COLS starting at column ``o``."""
     return Manifest(digest=row[o], media_type=row[o + 1], size=row[o + 2], payload=bytes(row[o + 3]),
                     subject=row[o + 4], artifact_type=row[o + 5],
                     annotations=json.loads(row[o + 6]) if row[o + 6] else None, review_after=row[o + 7])
-
 
 
 def connect_kwargs(cfg: PostgresConfig) -> dict[str, Any]:
@@ -300,7 +299,7 @@ class PostgresMeta(PostgresLookups, PostgresGC, PostgresScrub, PostgresDedupe):
 
     async def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[Manifest]:
         rows = await self._rows(
-            f"SELECT {_MANIFEST_COLS} FROM manifests m JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 "
+            f"SELECT {MANIFEST_COLS} FROM manifests m JOIN repositories r ON r.id = m.repo_id WHERE r.name = $1 "
             "AND m.subject = $2 AND ($3::text IS NULL OR m.artifact_type = $3) ORDER BY m.created_at, m.digest",
             repo, subject, artifact_type)
         return [_manifest(r) for r in rows]
